@@ -1,0 +1,301 @@
+"""AlexNet in Flax NNX, in three variants.
+
+- ``owt``: the single-tower layout of Krizhevsky 2014, "One weird trick for parallelizing convolutional neural
+  networks", which is what torchvision ships as ``alexnet`` (61,100,840 parameters).
+- ``original``: Krizhevsky, Sutskever & Hinton 2012, with its two-GPU grouping kept as grouped convolutions,
+  local response normalisation and the paper's initialisation (60,965,224 parameters).
+- ``bn``: the ``owt`` layout with BatchNorm after every convolution and hidden fully-connected layer.
+
+Inputs are NHWC, already normalised, of any spatial size of at least 64 px; the adaptive average pool makes the
+classifier independent of the input size, as in torchvision.
+
+Parameters are always float32; ``dtype`` only sets the compute dtype, so bfloat16 training keeps float32 master
+weights without any extra machinery in the optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+VARIANTS = ("owt", "original", "bn")
+
+ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    # Saturating activation, kept to reproduce the paper's argument for ReLU and for gradient-explosion runs.
+    "tanh": jnp.tanh,
+}
+
+# Channel widths of conv1..conv5 at width=1.
+_CONV_CHANNELS = {
+    "owt": (64, 192, 384, 256, 256),
+    "original": (96, 256, 384, 384, 256),
+    "bn": (64, 192, 384, 256, 256),
+}
+_HIDDEN_FEATURES = 4096
+_POOLED_SIZE = (6, 6)
+
+
+def scaled_channels(channels: int, width: float) -> int:
+    """Channels after width scaling, rounded to an even number.
+
+    Even counts everywhere (not only where ``original`` splits a layer into two groups) so one rule serves all
+    variants and ``original`` at any width stays splittable into its two towers.
+    """
+    return max(2, 2 * int(channels * width / 2 + 0.5))
+
+
+def max_pool(x: jax.Array) -> jax.Array:
+    """3x3 stride-2 max pooling without padding: PyTorch's ``MaxPool2d(3, 2)`` floors the output size too."""
+    return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
+
+
+def local_response_norm(
+    x: jax.Array, *, size: int = 5, k: float = 2.0, alpha: float = 1e-4, beta: float = 0.75
+) -> jax.Array:
+    """Local response normalisation across channels, as written in the 2012 paper (section 3.3).
+
+    b_i = a_i / (k + alpha * sum_{j=i-size//2}^{i+size//2} a_j^2) ** beta, with channels beyond the edges
+    treated as zero. The paper's alpha multiplies the plain sum; PyTorch's ``LocalResponseNorm`` divides alpha by
+    ``size`` (it averages). We follow the paper because the ``original`` variant exists to reproduce it; the
+    PyTorch layer with ``alpha=5e-4`` computes the same thing.
+    """
+    # In bfloat16, k + alpha * sum rounds to exactly k unless the sum is large, which would silently turn the
+    # normalisation into a constant scale; computing it in float32 costs little next to the convolutions.
+    x32 = x.astype(jnp.float32)
+    squares = jnp.square(x32)
+    channels = x.shape[-1]
+    before, after = size // 2, (size - 1) // 2
+    padded = jnp.pad(squares, [(0, 0)] * (x.ndim - 1) + [(before, after)])
+    # A handful of shifted adds fuses into one elementwise kernel; a reduce_window over the channel (lane) axis
+    # does not map as well onto TPUs.
+    window_sum = sum(padded[..., offset : offset + channels] for offset in range(size))
+    return (x32 / (k + alpha * window_sum) ** beta).astype(x.dtype)
+
+
+def _averaging_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) matrix whose row i averages torchvision's bin [floor(i*H/O), ceil((i+1)*H/O))."""
+    matrix = np.zeros((out_size, in_size), dtype=np.float32)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int] = _POOLED_SIZE) -> jax.Array:
+    """Average pool an NHWC array to ``output_size`` with torchvision's ``AdaptiveAvgPool2d`` bins.
+
+    Bins may overlap (e.g. 13 -> 6) or repeat an input row (H < 6), so this is not a strided pool. The shapes are
+    static, so the bins become one small constant averaging matrix per spatial axis, built in numpy at trace time
+    and applied as two contractions; that is cheap, exact for the bins and has no per-bin slicing in the graph.
+    """
+    _, height, width, _ = x.shape
+    out_h, out_w = output_size
+    if (height, width) == (out_h, out_w):
+        return x  # 224 px inputs already arrive at 6x6: skip the identity contractions.
+    rows = jnp.asarray(_averaging_matrix(height, out_h), dtype=x.dtype)
+    cols = jnp.asarray(_averaging_matrix(width, out_w), dtype=x.dtype)
+    # HIGHEST keeps float32 averages exact on TPU, where the default would round operands to bfloat16.
+    precision = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=precision)
+    return jnp.einsum("pw,nowc->nopc", cols, x, precision=precision)
+
+
+def _uniform_fan_in(fan_in: int) -> nnx.Initializer:
+    """PyTorch's default for weights and biases alike: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    Biases need the layer's fan-in, which a bias initializer never sees (its shape is just (features,)), hence a
+    closure over it.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class AlexNet(nnx.Module):
+    """AlexNet; attribute names follow the paper's table (conv1..conv5, fc6..fc8, bn1..bn7 for ``bn``).
+
+    Call as ``model(x, rngs=nnx.Rngs(dropout=key))`` in train mode; ``rngs`` may be None in eval mode. Dropout
+    takes its randomness from the call rather than owning an RNG stream, so a jitted train step stays a pure
+    function of its key. ``.train()`` / ``.eval()`` switch dropout and BatchNorm statistics.
+    """
+
+    def __init__(
+        self,
+        variant: str = "owt",
+        num_classes: int = 1000,
+        *,
+        width: float = 1.0,
+        dtype=jnp.float32,
+        activation: str = "relu",
+        dropout_rate: float = 0.5,
+        rngs: nnx.Rngs,
+    ):
+        if variant not in VARIANTS:
+            raise ValueError(f"model.variant={variant!r} is not one of {VARIANTS}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation={activation!r} is not one of {tuple(ACTIVATIONS)}")
+        if not width > 0:
+            raise ValueError(f"model.width={width!r} must be positive")
+        self.variant = variant
+        self.num_classes = num_classes
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        self.dtype = dtype
+
+        c1, c2, c3, c4, c5 = (scaled_channels(c, width) for c in _CONV_CHANNELS[variant])
+        hidden = scaled_channels(_HIDDEN_FEATURES, width)
+        flat = _POOLED_SIZE[0] * _POOLED_SIZE[1] * c5
+        # The paper split conv2, conv4 and conv5 across two GPUs, each half seeing only its own half of the
+        # previous layer; grouped convolutions keep exactly that connectivity (and parameter count) on one device.
+        groups = 2 if variant == "original" else 1
+        batch_norm = variant == "bn"
+
+        def conv(in_ch, out_ch, kernel, *, stride=1, padding, group_count=1, paper_bias=0.0):
+            fan_in = kernel * kernel * in_ch // group_count
+            if variant == "original":
+                kernel_init = nnx.initializers.normal(0.01)
+                bias_init = nnx.initializers.constant(paper_bias)
+            elif variant == "bn":
+                kernel_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+                bias_init = nnx.initializers.zeros
+            else:
+                kernel_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+                bias_init = _uniform_fan_in(fan_in)
+            return nnx.Conv(
+                in_ch, out_ch, (kernel, kernel), (stride, stride),
+                padding=((padding, padding), (padding, padding)),
+                feature_group_count=group_count,
+                # BatchNorm subtracts the batch mean and adds its own learned shift, so a bias before it is
+                # cancelled exactly: it would only be a dead parameter for weight decay to shrink.
+                use_bias=not batch_norm,
+                kernel_init=kernel_init, bias_init=bias_init,
+                dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+            )
+
+        def dense(in_features, out_features, *, followed_by_norm=False, paper_bias=0.0):
+            if variant == "original":
+                kernel_init = nnx.initializers.normal(0.01)
+                bias_init = nnx.initializers.constant(paper_bias)
+            elif variant == "bn" and followed_by_norm:
+                kernel_init = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+                bias_init = nnx.initializers.zeros
+            else:
+                kernel_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+                bias_init = _uniform_fan_in(in_features)
+            return nnx.Linear(
+                in_features, out_features, use_bias=not followed_by_norm,
+                kernel_init=kernel_init, bias_init=bias_init,
+                dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+            )
+
+        def norm(features):
+            # PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5) rather than flax's 0.99: statistics
+            # that track within a few hundred steps matter for short runs and for evaluating early checkpoints.
+            return nnx.BatchNorm(
+                features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+            )
+
+        # Biases of 1 in conv2, conv4, conv5 and the hidden FCs are the paper's: they start ReLUs in their
+        # positive region. They only apply to ``original``; the other variants ignore ``paper_bias``.
+        self.conv1 = conv(3, c1, 11, stride=4, padding=2)
+        if batch_norm:
+            self.bn1 = norm(c1)
+        self.conv2 = conv(c1, c2, 5, padding=2, group_count=groups, paper_bias=1.0)
+        if batch_norm:
+            self.bn2 = norm(c2)
+        self.conv3 = conv(c2, c3, 3, padding=1)
+        if batch_norm:
+            self.bn3 = norm(c3)
+        self.conv4 = conv(c3, c4, 3, padding=1, group_count=groups, paper_bias=1.0)
+        if batch_norm:
+            self.bn4 = norm(c4)
+        self.conv5 = conv(c4, c5, 3, padding=1, group_count=groups, paper_bias=1.0)
+        if batch_norm:
+            self.bn5 = norm(c5)
+        self.fc6 = dense(flat, hidden, followed_by_norm=batch_norm, paper_bias=1.0)
+        if batch_norm:
+            self.bn6 = norm(hidden)
+        self.fc7 = dense(hidden, hidden, followed_by_norm=batch_norm, paper_bias=1.0)
+        if batch_norm:
+            self.bn7 = norm(hidden)
+        self.fc8 = dense(hidden, num_classes)
+        # No rngs here: the mask key comes from the call, see the class docstring.
+        self.dropout = nnx.Dropout(dropout_rate)
+
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        bn = self.variant == "bn"
+        lrn = self.variant == "original"
+        act = self.act
+        x = x.astype(self.dtype)
+
+        x = self.conv1(x)
+        x = self.bn1(x) if bn else x
+        x = act(x)
+        x = local_response_norm(x) if lrn else x
+        x = max_pool(x)
+
+        x = self.conv2(x)
+        x = self.bn2(x) if bn else x
+        x = act(x)
+        x = local_response_norm(x) if lrn else x
+        x = max_pool(x)
+
+        x = self.conv3(x)
+        x = self.bn3(x) if bn else x
+        x = act(x)
+
+        x = self.conv4(x)
+        x = self.bn4(x) if bn else x
+        x = act(x)
+
+        x = self.conv5(x)
+        x = self.bn5(x) if bn else x
+        x = act(x)
+        x = max_pool(x)
+
+        x = adaptive_avg_pool(x, _POOLED_SIZE)
+        # H-W-C order is the free reshape of NHWC. torchvision's fc6 expects C-H-W order; the interop layer
+        # permutes fc6's kernel rows once at load time instead of transposing activations on every step.
+        x = x.reshape(x.shape[0], -1)
+
+        x = self.dropout(x, rngs=rngs)
+        x = self.fc6(x)
+        x = self.bn6(x) if bn else x
+        x = act(x)
+
+        x = self.dropout(x, rngs=rngs)
+        x = self.fc7(x)
+        x = self.bn7(x) if bn else x
+        x = act(x)
+
+        x = self.fc8(x)
+        # Softmax/cross-entropy in bfloat16 loses too much; the loss always sees float32 logits.
+        return x.astype(jnp.float32)
+
+
+def create_model(model_config, *, rngs: nnx.Rngs) -> AlexNet:
+    """Build AlexNet from a ``config.model`` ConfigDict (``variant, num_classes, width, dtype`` required;
+    ``activation`` and ``dropout_rate`` optional). ``dtype`` is a name such as "float32" or "bfloat16"."""
+    try:
+        dtype = jnp.dtype(model_config.dtype)
+    except TypeError as error:
+        raise ValueError(f"model.dtype={model_config.dtype!r} is not a dtype name: {error}") from None
+    return AlexNet(
+        model_config.variant,
+        int(model_config.num_classes),
+        width=float(model_config.width),
+        dtype=dtype,
+        activation=model_config.get("activation", "relu"),
+        dropout_rate=float(model_config.get("dropout_rate", 0.5)),
+        rngs=rngs,
+    )
