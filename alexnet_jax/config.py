@@ -1,0 +1,122 @@
+"""Default hyper-parameters shared by every config file, and the check run before anything compiles.
+
+Config files in configs/ start from `base_config()` and override what their recipe needs. The key names
+marked as contract in DESIGN.md (seed, batch_size, model.*, data.*, optim.*, mesh.model, ...) are relied on by
+users' scripts: add keys, never rename them.
+"""
+
+import os
+
+import ml_collections
+
+from alexnet_jax import optim
+
+SOURCES = ("digits", "synthetic", "imagefolder", "arrayrecord")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 256  # global, across all processes and devices
+    c.num_epochs = 90
+    c.num_train_steps = -1  # > 0 overrides num_epochs
+    c.log_every_steps = 100
+    c.eval_every_steps = -1  # <= 0: once per epoch
+    c.checkpoint_every_steps = 1000
+    c.max_checkpoints_to_keep = 3
+    c.eval_batch_size = -1  # <= 0: same as batch_size
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "owt"
+    c.model.num_classes = 1000
+    c.model.width = 1.0
+    c.model.dtype = "float32"
+    c.model.activation = "relu"
+    c.model.dropout_rate = 0.5
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "imagefolder"
+    c.data.train_path = ""
+    c.data.eval_path = ""
+    c.data.image_size = 224
+    c.data.resize_size = 256  # eval: resize the short side to this, then centre-crop image_size
+    c.data.workers = 0  # grain worker processes; 0 decodes in the training process
+    c.data.synthetic_examples = 1024  # size of the `synthetic` source's train split (eval gets a quarter)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.optimizer = "sgd"
+    c.optim.learning_rate = 0.01
+    c.optim.schedule = "step"
+    c.optim.decay_epochs = 30
+    c.optim.decay_factor = 0.1
+    c.optim.exponential_decay_rate = 0.94
+    c.optim.end_learning_rate_factor = 0.0
+    c.optim.warmup_steps = 0
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 5e-4
+    c.optim.clip_norm = 0.0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.model = 1  # size of the 'model' mesh axis; 'data' takes the remaining devices
+    return c
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Raises ConfigError naming the first bad key, before any file is written or anything compiles."""
+    from alexnet_jax import models  # local: keeps `import alexnet_jax.config` light for config files
+
+    problems = []
+    m, d = config.model, config.data
+    if m.variant not in models.VARIANTS:
+        problems.append(f"model.variant must be one of {', '.join(models.VARIANTS)} (got {m.variant!r})")
+    if m.activation not in models.ACTIVATIONS:
+        problems.append(f"model.activation must be one of {', '.join(models.ACTIVATIONS)} (got {m.activation!r})")
+    if m.dtype not in DTYPES:
+        problems.append(f"model.dtype must be one of {', '.join(DTYPES)} (got {m.dtype!r})")
+    if m.num_classes < 2:
+        problems.append(f"model.num_classes must be >= 2 (got {m.num_classes})")
+    if not m.width > 0:
+        problems.append(f"model.width must be > 0 (got {m.width})")
+    if not 0 <= m.dropout_rate < 1:
+        problems.append(f"model.dropout_rate must be in [0, 1) (got {m.dropout_rate})")
+    if d.source not in SOURCES:
+        problems.append(f"data.source must be one of {', '.join(SOURCES)} (got {d.source!r})")
+    elif d.source in ("imagefolder", "arrayrecord"):
+        for key in ("train_path", "eval_path"):
+            path = d[key]
+            if not path:
+                problems.append(f"data.{key} must be set for data.source={d.source!r}")
+            elif not os.path.exists(path):
+                problems.append(f"data.{key}: no such file or directory: {path}")
+    if d.image_size < 64:
+        problems.append(f"data.image_size must be >= 64 (got {d.image_size})")
+    if d.resize_size < d.image_size:
+        problems.append(f"data.resize_size must be >= data.image_size (got {d.resize_size} < {d.image_size})")
+    if d.workers < 0:
+        problems.append(f"data.workers must be >= 0 (got {d.workers})")
+    if config.mesh.model < 1 or num_devices % config.mesh.model:
+        problems.append(f"mesh.model must divide the {num_devices} devices (got {config.mesh.model})")
+    data_devices = max(1, num_devices // max(1, config.mesh.model))
+    for key in ("batch_size", "eval_batch_size"):
+        value = config[key]
+        if key == "eval_batch_size" and value <= 0:
+            continue
+        if value <= 0:
+            problems.append(f"{key} must be > 0 (got {value})")
+        elif value % data_devices or value % num_processes:
+            problems.append(f"{key}={value} must be divisible by the {data_devices} data-parallel devices"
+                                            f" and {num_processes} processes")
+    if config.num_train_steps <= 0 and config.num_epochs <= 0:
+        problems.append("num_epochs must be > 0 when num_train_steps <= 0")
+    for key in ("log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
+        if config[key] <= 0:
+            problems.append(f"{key} must be > 0 (got {config[key]})")
+    problems += optim.validate_optim_config(config.optim)
+    if problems:
+        raise ConfigError(problems[0])
