@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_path = ""
     c.data.image_size = 224
     c.data.resize_size = 256  # eval: resize the short side to this, then centre-crop image_size
+    c.data.random_flip = True  # on-device horizontal flip of train images
     c.data.workers = 0  # grain worker processes; 0 decodes in the training process
     c.data.synthetic_examples = 1024  # size of the `synthetic` source's train split (eval gets a quarter)
 

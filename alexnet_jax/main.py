@@ -1,0 +1,62 @@
+"""Train AlexNet: python -m alexnet_jax.main --config=configs/imagenet.py --workdir=DIR [--config.key=value ...]
+
+Rerunning the same command resumes from the newest checkpoint in DIR. Multi-process runs pass
+--coordinator_address/--num_processes/--process_id, or none of them on TPU pods and SLURM, where
+jax.distributed detects the cluster itself.
+"""
+
+import logging as std_logging
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from alexnet_jax import config as config_lib
+from alexnet_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() with auto-detection (TPU pods, "
+                  "SLURM). Default: only when --coordinator_address is given.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+EXIT_BAD_CONFIG = 2
+
+
+def quiet_library_logs() -> None:
+    """Orbax logs several INFO lines per save through absl; keep its warnings, drop the chatter."""
+    logging.get_absl_logger().addFilter(
+        lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
+
+
+def init_distributed() -> None:
+    if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_library_logs()
+    init_distributed()
+    config = FLAGS.config
+    try:
+        config_lib.validate(config, jax.device_count(), jax.process_count())
+    except config_lib.ConfigError as error:
+        print(f"error: config: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    logging.info("JAX %s on %d %s device(s), process %d of %d", jax.__version__, jax.device_count(),
+                 jax.devices()[0].platform, jax.process_index(), jax.process_count())
+    train.train_and_evaluate(config, FLAGS.workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

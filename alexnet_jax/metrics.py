@@ -1,0 +1,83 @@
+"""Where numbers go: one console line per log step, DIR/metrics.jsonl (contract), TensorBoard events in DIR.
+
+Only process 0 writes; the others get a writer that drops everything, so callers never branch on the process.
+"""
+
+import json
+import math
+import os
+import time
+
+from absl import logging
+
+
+class MetricsWriter:
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self._enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # heavy import, only the writing process pays it
+
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self._enabled:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(key, value, global_step=int(step))
+
+    def close(self) -> None:
+        if self._enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def _plain(value):
+    """numpy/jax scalars -> Python numbers; NaN and inf become strings so every line stays valid JSON."""
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Throughput:
+    """Images per second and ETA between log steps (the first window includes compilation)."""
+
+    def __init__(self, global_batch_size: int, start_step: int, total_steps: int):
+        self._batch = global_batch_size
+        self._total = total_steps
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+
+    def update(self, step: int) -> tuple[float, float]:
+        now = time.perf_counter()
+        steps, seconds = step - self._last_step, max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        steps_per_s = steps / seconds
+        eta = (self._total - step) / steps_per_s if steps_per_s else float("inf")
+        return self._batch * steps_per_s, eta
+
+
+def log_train(step: int, total: int, row: dict, eta: float) -> None:
+    logging.info("step %d/%d  loss %.4f  top1 %.3f  lr %.3g  grad_norm %.3g  %.0f img/s  ETA %s%s",
+                 step, total, row["train_loss"], row["train_top1"], row["learning_rate"], row["grad_norm"],
+                 row["img_per_s"], format_duration(eta),
+                 f"  skipped {row['skipped_steps']}" if row["skipped_steps"] else "")
+
+
+def log_eval(step: int, row: dict) -> None:
+    logging.info("eval at step %d  loss %.4f  top1 %.4f  top5 %.4f  (%d examples)", step, row["eval_loss"],
+                 row["eval_top1"], row["eval_top5"], row["eval_examples"])
