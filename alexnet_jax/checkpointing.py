@@ -23,7 +23,10 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def create_manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
+    if read_only:  # Orbax warns unless saving-related options are off for a read-only manager
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
@@ -63,3 +66,33 @@ def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 def restore_model(manager: ocp.CheckpointManager, step: int, abstract_model: dict) -> dict:
     """Only params and BatchNorm statistics, onto the shardings in `abstract_model` (no optimizer state)."""
     return manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_model))).model
+
+
+class CheckpointNotFound(FileNotFoundError):
+    pass
+
+
+def load_for_inference(workdir: str, step: int | None = None, mesh=None):
+    """(config, class_names, model_vars, step) from DIR/checkpoints, without optimizer state.
+
+    Params land replicated on this machine's devices (or `mesh`), whatever topology trained them: Orbax reads
+    each array onto the target sharding we pass, so a checkpoint from a pod slice loads on one CPU.
+    """
+    from alexnet_jax import sharding, train  # local: train imports this module
+
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        raise CheckpointNotFound(f"no checkpoints in {checkpoint_dir(workdir)}")
+    manager = create_manager(workdir, read_only=True)
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise CheckpointNotFound(f"no checkpoint at step {step} in {checkpoint_dir(workdir)} "
+                                 f"(have: {list(manager.all_steps())})")
+    meta = restore_meta(manager, step)
+    config = ml_collections.ConfigDict(meta["config"])
+    mesh = mesh or sharding.create_mesh(1)
+    abstract = train.abstract_model_vars(config.model)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
+                          abstract)
+    model_vars = restore_model(manager, step, target)
+    manager.close()
+    return config, meta["class_names"], model_vars, step

@@ -5,7 +5,6 @@ Rerunning the same command resumes from the newest checkpoint in DIR. Multi-proc
 jax.distributed detects the cluster itself.
 """
 
-import logging as std_logging
 import sys
 
 import jax
@@ -13,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import train
+from alexnet_jax import metrics, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
@@ -28,12 +27,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 EXIT_BAD_CONFIG = 2
 
 
-def quiet_library_logs() -> None:
-    """Orbax logs several INFO lines per save through absl; keep its warnings, drop the chatter."""
-    logging.get_absl_logger().addFilter(
-        lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
-
-
 def init_distributed() -> None:
     if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -44,7 +37,7 @@ def init_distributed() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    quiet_library_logs()
+    metrics.quiet_library_logs()
     init_distributed()
     config = FLAGS.config
     try:

@@ -4,6 +4,7 @@ Only process 0 writes; the others get a writer that drops everything, so callers
 """
 
 import json
+import logging as std_logging
 import math
 import os
 import time
@@ -81,3 +82,11 @@ def log_train(step: int, total: int, row: dict, eta: float) -> None:
 def log_eval(step: int, row: dict) -> None:
     logging.info("eval at step %d  loss %.4f  top1 %.4f  top5 %.4f  (%d examples)", step, row["eval_loss"],
                  row["eval_top1"], row["eval_top5"], row["eval_examples"])
+
+
+def quiet_library_logs() -> None:
+    """Orbax logs several INFO lines per save (and JAX one per missing backend) through absl: keep their
+    warnings, drop the chatter, so our own progress lines stay readable."""
+    noisy = ("/orbax/", "/jax/_src/")
+    logging.get_absl_handler().python_handler.addFilter(
+        lambda record: record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy))

@@ -87,6 +87,13 @@ def model_graphdefs(model_config):
     return train_def, nnx.graphdef(model)
 
 
+def abstract_model_vars(model_config) -> dict:
+    """Shapes and dtypes of {"params", "batch_stats"}, without allocating or initialising anything."""
+    model = nnx.eval_shape(lambda: models.create_model(model_config, rngs=nnx.Rngs(0)))
+    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
+
+
 def create_train_state(config, mesh, tx) -> TrainState:
     """Initialise directly into the mesh layout: no device ever holds a full replica it should not."""
 
