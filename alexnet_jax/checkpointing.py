@@ -41,18 +41,12 @@ def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDic
     ))
 
 
-def _abstract(tree):
-    """ShapeDtypeStructs that carry each array's sharding, so Orbax restores straight onto the target devices."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
 def restore_train_state(manager: ocp.CheckpointManager, step: int, target_state):
-    """The full TrainState at `step`, laid out like `target_state` (whose values are only used for shape)."""
+    """The full TrainState at `step`, read straight onto the shardings of `target_state` (ShapeDtypeStructs)."""
     restored = manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(_abstract({"params": target_state.params,
-                                                  "batch_stats": target_state.batch_stats})),
-        train=ocp.args.StandardRestore(_abstract({"step": target_state.step, "opt_state": target_state.opt_state,
-                                                  "skipped_steps": target_state.skipped_steps})),
+        model=ocp.args.StandardRestore({"params": target_state.params, "batch_stats": target_state.batch_stats}),
+        train=ocp.args.StandardRestore({"step": target_state.step, "opt_state": target_state.opt_state,
+                                        "skipped_steps": target_state.skipped_steps}),
     ))
     model, train = restored.model, restored.train
     return target_state.replace(step=train["step"], params=model["params"], batch_stats=model["batch_stats"],

@@ -94,19 +94,29 @@ def abstract_model_vars(model_config) -> dict:
     return {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
 
 
-def create_train_state(config, mesh, tx) -> TrainState:
-    """Initialise directly into the mesh layout: no device ever holds a full replica it should not."""
-
-    def init(key):
-        model = models.create_model(config.model, rngs=nnx.Rngs(params=key))
+def _init_fn(model_config, tx):
+    def init(key) -> TrainState:
+        model = models.create_model(model_config, rngs=nnx.Rngs(params=key))
         _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                           opt_state=tx.init(params), skipped_steps=jnp.zeros((), jnp.int32))
 
-    key = jax.random.key(config.seed)
-    shardings = sharding.tree_shardings(jax.eval_shape(init, key), mesh)
-    return jax.jit(init, out_shardings=shardings)(key)
+    return init
+
+
+def abstract_train_state(config, mesh, tx) -> TrainState:
+    """The train state as ShapeDtypeStructs carrying their mesh shardings: the target layout for both a fresh
+    initialisation and a checkpoint restore, computed without allocating anything."""
+    abstract = jax.eval_shape(_init_fn(config.model, tx), jax.random.key(config.seed))
+    shardings = sharding.tree_shardings(abstract, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def create_train_state(config, tx, abstract_state: TrainState) -> TrainState:
+    """Initialise directly into the mesh layout: no device ever holds a full replica it should not."""
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    return jax.jit(_init_fn(config.model, tx), out_shardings=shardings)(jax.random.key(config.seed))
 
 
 def num_train_steps(config, train_examples: int) -> int:
@@ -139,29 +149,10 @@ def _mean_metrics(pending: list[dict]) -> dict:
     return {k: float(sum(m[k] for m in stacked) / len(stacked)) for k in stacked[0]}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from the newest checkpoint in workdir), evaluates, checkpoints; returns the last eval."""
-    mesh = sharding.create_mesh(config.mesh.model)
-    train_source = sources.create_source(config.data, "train", config.model.num_classes, config.seed)
-    eval_source = sources.create_source(config.data, "eval", config.model.num_classes, config.seed)
-    steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
-    total_steps = num_train_steps(config, len(train_source))
-    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-    dtype = jnp.dtype(config.model.dtype)
-
-    learning_rate_fn = optim.create_learning_rate_fn(config.optim, steps_per_epoch, total_steps)
-    tx = optim.create_optimizer(config.optim, learning_rate_fn)
-    state = create_train_state(config, mesh, tx)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
+    """The jitted (train_step, eval_step) with explicit shardings; the train state is donated."""
     train_def, eval_def = model_graphdefs(config.model)
-
-    manager = checkpointing.create_manager(workdir, config.max_checkpoints_to_keep)
-    latest = manager.latest_step()
-    if latest is not None:
-        state = checkpointing.restore_train_state(manager, latest, state)
-        logging.info("Resumed from %s at step %d", checkpointing.checkpoint_dir(workdir), latest)
-    start_step = int(jax.device_get(state.step))
-
+    dtype = jnp.dtype(config.model.dtype)
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=train_def, tx=tx, learning_rate_fn=learning_rate_fn,
                           dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1), dtype=dtype,
@@ -173,6 +164,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=eval_def, dtype=dtype),
                       in_shardings=(model_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.replicated(mesh))
+    return step_fn, eval_fn
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from the newest checkpoint in workdir), evaluates, checkpoints; returns the last eval."""
+    mesh = sharding.create_mesh(config.mesh.model)
+    train_source = sources.create_source(config.data, "train", config.model.num_classes, config.seed)
+    eval_source = sources.create_source(config.data, "eval", config.model.num_classes, config.seed)
+    steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
+    total_steps = num_train_steps(config, len(train_source))
+    eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+
+    learning_rate_fn = optim.create_learning_rate_fn(config.optim, steps_per_epoch, total_steps)
+    tx = optim.create_optimizer(config.optim, learning_rate_fn)
+    abstract_state = abstract_train_state(config, mesh, tx)
+    state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+
+    manager = checkpointing.create_manager(workdir, config.max_checkpoints_to_keep)
+    latest = manager.latest_step()
+    if latest is None:
+        state = create_train_state(config, tx, abstract_state)
+    else:
+        state = checkpointing.restore_train_state(manager, latest, abstract_state)
+        logging.info("Resumed from %s at step %d", checkpointing.checkpoint_dir(workdir), latest)
+    start_step = int(jax.device_get(state.step))
+
+    step_fn, eval_fn = compile_steps(config, mesh, tx, learning_rate_fn, state_shardings)
 
     writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     class_names = train_source.class_names

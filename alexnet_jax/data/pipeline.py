@@ -10,6 +10,7 @@ Because the stream is a pure function of the step, resuming at step s is just sl
 import dataclasses
 
 import grain
+from absl import flags
 import numpy as np
 
 from alexnet_jax.data import transforms
@@ -59,6 +60,10 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def _to_iterator(ds: grain.MapDataset, workers: int):
+    if workers and not flags.FLAGS.is_parsed():
+        # grain's worker start-up reads one of its absl flags; outside an absl app (pytest, notebooks) nobody
+        # parsed them, so accept the defaults instead of failing.
+        flags.FLAGS.mark_as_parsed()
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=2))
     if workers:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))

@@ -21,6 +21,8 @@ class DigitsSource:
     def __init__(self, split: str, image_size: int, split_seed: int = 0):
         from sklearn.datasets import load_digits  # optional dependency: only this source needs it
 
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         digits = load_digits()
         order = np.random.default_rng(split_seed).permutation(len(digits.target))
         num_held_out = int(round(len(order) * HELD_OUT_FRACTION))

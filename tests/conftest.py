@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny configs that compile in seconds on 2 CPU cores."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(source="synthetic", variant="owt", **overrides):
+    """A real config from configs/digits.py, shrunk: 1/16 width, 64 px, batch 16."""
+    from alexnet_jax.config import base_config
+
+    c = base_config()
+    c.model.variant = variant
+    c.model.num_classes = 10
+    c.model.width = 0.0625
+    c.data.source = source
+    c.data.image_size = 64
+    c.data.resize_size = 64
+    c.data.synthetic_examples = 64
+    c.batch_size = 16
+    c.num_train_steps = 4
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 100
+    c.eval_every_steps = 100
+    c.optim.learning_rate = 0.01
+    c.optim.schedule = "constant"
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def run_cli(module, *args, env=None, timeout=600):
+    """Runs `python -m module args` from the repo root; returns the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
