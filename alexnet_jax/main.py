@@ -29,6 +29,9 @@ EXIT_BAD_CONFIG = 2
 
 def init_distributed() -> None:
     if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+        # CPU-only clusters (and our loopback tests) need a cross-process collectives backend; accelerators
+        # bring their own (NCCL, ICI), so this only affects the CPU platform.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()
