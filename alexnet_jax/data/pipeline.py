@@ -5,35 +5,119 @@ once per epoch, and global batch b is elements [b*G, (b+1)*G) of that stream. Wi
 stream into local batches of L = G/P elements, and process p takes local batches p, p+P, p+2P, ... -- so it
 decodes only its own L images of every global batch, and the union over processes is the same whatever P is.
 Because the stream is a pure function of the step, resuming at step s is just slicing at s.
+
+Sources that hold pixels (digits, synthetic, raw ArrayRecord) go through the array transforms. Sources of encoded
+images (ImageFolder, flat val, JPEG ArrayRecord: they have `read_record`) hand the transform the file's bytes, and
+the transform decodes only what the crop needs (data/decode.py) -- in the grain worker processes.
+
+Unreadable files (empty, truncated, not an image, over the pixel limit) never crash a run and never train with a
+wrong label. In a random-access pipeline an element cannot just vanish (batch shapes, and the same global batches
+whatever the process count), so:
+- train: the element is replaced by another example drawn from the element's own random stream -- so it is the
+  same substitute in every run and on every process count -- with its own, correct label;
+- eval: the element keeps its place with mask=False, so it is left out of every metric (eval_examples drops).
+Either way the batch carries the bad file's index to this process, which logs one warning line per bad file
+naming it, and a count per epoch (train) or at the end of the pass (eval); the iterators' `bad_files` attribute
+holds the running total.
 """
 
 import dataclasses
 
 import grain
-from absl import flags
 import numpy as np
+from absl import flags, logging
 
-from alexnet_jax.data import transforms
+from alexnet_jax.data import decode, transforms
+
+AUGMENTATIONS = ("alexnet", "inception")
+EVAL_CROPS = (1, 10)
+MAX_SUBSTITUTES = 16  # a train element gives up (and the run stops) only if this many draws in a row are bad
+
+
+def _train_box_fn(augment: str, image_size: int, resize_size: int, rng: np.random.Generator):
+    if augment == "inception":
+        return lambda w, h: transforms.inception_crop_box(w, h, rng)
+    return lambda w, h: transforms.alexnet_crop_box(w, h, rng, image_size, resize_size)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform(grain.transforms.RandomMap):
     image_size: int
     resize_size: int
+    augment: str = "alexnet"
+    records: object = None  # the record view, to draw substitutes for unreadable files
+
+    def _view(self, example, rng: np.random.Generator) -> np.ndarray:
+        if "encoded" in example:
+            box = _train_box_fn(self.augment, self.image_size, self.resize_size, rng)
+            return decode.decode_crop(example["encoded"], box, (self.image_size, self.image_size))
+        if self.augment == "inception":
+            return transforms.random_resized_crop(example["image"], rng, self.image_size)
+        return transforms.random_crop(example["image"], rng, self.image_size, self.resize_size)
 
     def random_map(self, example, rng: np.random.Generator):
-        image = transforms.random_crop(example["image"], rng, self.image_size, self.resize_size)
-        return {"image": image, "label": np.int32(example["label"])}
+        if "encoded" not in example:
+            return {"image": self._view(example, rng), "label": np.int32(example["label"])}
+        bad_index = -1
+        for _ in range(MAX_SUBSTITUTES + 1):
+            try:
+                image = self._view(example, rng)
+                return {"image": image, "label": np.int32(example["label"]), "bad_index": np.int64(bad_index)}
+            except decode.BadImageError as error:
+                if bad_index < 0:
+                    bad_index = int(example["index"])  # named by the consuming process, see BatchIterator
+                else:  # the substitute was bad too: rare enough to log here, in the worker
+                    logging.warning("unreadable image, drawn to replace another: %s: %s",
+                                    self.records.source.name(int(example["index"])), error)
+                example = self.records[int(rng.integers(len(self.records)))]
+        raise RuntimeError(f"{MAX_SUBSTITUTES + 1} unreadable images in a row (first at index {bad_index}): "
+                           "is the data path right?")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform(grain.transforms.Map):
     image_size: int
     resize_size: int
+    eval_crops: int = 1  # 10: ship the central resize_size square; the device cuts the ten views
 
     def map(self, example):
-        image = transforms.center_crop(example["image"], self.image_size, self.resize_size)
-        return {"image": image, "label": np.int32(example["label"]), "mask": example["mask"]}
+        crop = self.resize_size if self.eval_crops == 10 else self.image_size
+        label, mask = np.int32(example["label"]), example["mask"]
+        if "encoded" not in example:
+            image = transforms.center_crop(example["image"], crop, self.resize_size)
+            return {"image": image, "label": label, "mask": mask}
+        bad_index = -1
+        try:
+            image = eval_view(example["encoded"], self.image_size, self.resize_size, self.eval_crops)
+        except decode.BadImageError:
+            image = np.zeros((crop, crop, 3), np.uint8)
+            bad_index = int(example["index"]) if mask else -1  # padding repeats are not reported twice
+            mask = np.bool_(False)
+        return {"image": image, "label": label, "mask": mask, "bad_index": np.int64(bad_index)}
+
+
+def eval_view(data: bytes, image_size: int, resize_size: int, eval_crops: int = 1) -> np.ndarray:
+    """The host view the eval pipeline ships for one encoded image (predict uses it, so a prediction sees
+    exactly what evaluation saw). Raises decode.BadImageError (a ValueError)."""
+    crop = resize_size if eval_crops == 10 else image_size
+    return decode.decode_crop(data, lambda w, h: transforms.center_crop_box(w, h, crop, resize_size), (crop, crop))
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordView:
+    """A grain source over `source.read_record`: undecoded elements for sources of encoded images."""
+
+    source: object
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        return self.source.read_record(index)
+
+
+def _records(source):
+    return RecordView(source) if hasattr(source, "read_record") else source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,32 +154,107 @@ def _to_iterator(ds: grain.MapDataset, workers: int):
     return iter(it)
 
 
+def describe_bad_file(source, index: int) -> str:
+    """'<file>: <why it cannot be decoded>' for element `index` of a source of encoded images."""
+    try:
+        why = decode.check(source.read_record(index).get("encoded", b"x")) or (
+            "failed to decode in the pipeline but decodes when read again (a transient read error?)")
+    except Exception as error:  # reading it again failed too: say so rather than lose the name
+        why = str(error)
+    return f"{source.name(index)}: {why}"
+
+
+class BatchIterator:
+    """This process's batches from a grain iterator, minus the bad-file bookkeeping: logs each bad file once
+    (naming it), a count per epoch (train) or at the end (eval), and keeps the total in `bad_files`.
+
+    `get_state`/`set_state` are the grain iterator's (the position in the batch stream)."""
+
+    def __init__(self, iterator, source, *, kind: str, start_step: int = 0, global_batch_size: int = 1):
+        self._iterator = iterator
+        self._source = source
+        self._kind = kind
+        self._step = start_step  # global batch index of the next batch
+        self._global_batch_size = global_batch_size
+        self._seen = set()
+        self.bad_files = 0  # elements replaced (train) or left out (eval) in this process so far
+        self._bad_this_epoch = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            if self._kind == "eval" and self._bad_this_epoch:
+                logging.warning("eval: %d unreadable image(s) left out of the metrics (this process)",
+                                self._bad_this_epoch)
+            self._bad_this_epoch = 0
+            raise
+        bad = batch.pop("bad_index", None)
+        if bad is not None:
+            for index in bad[bad >= 0].tolist():
+                self.bad_files += 1
+                self._bad_this_epoch += 1
+                if index not in self._seen:
+                    self._seen.add(index)
+                    action = "replaced by another example" if self._kind == "train" else "left out of eval"
+                    logging.warning("unreadable image, %s: %s", action, describe_bad_file(self._source, index))
+        if self._kind == "train":
+            n = len(self._source)
+            start, end = self._step * self._global_batch_size, (self._step + 1) * self._global_batch_size
+            if end // n > start // n and self._bad_this_epoch:
+                logging.warning("epoch %d: %d unreadable image(s) replaced by other examples (this process)",
+                                start // n + 1, self._bad_this_epoch)
+                self._bad_this_epoch = 0
+            self._step += 1
+        return batch
+
+    def get_state(self):
+        return self._iterator.get_state()
+
+    def set_state(self, state):
+        self._iterator.set_state(state)
+
+
 def train_dataset(source, *, global_batch_size: int, seed: int, image_size: int, resize_size: int,
-                                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                  augment: str = "alexnet", process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
     """An endless MapDataset of this process's local train batches; element b is its part of global batch b."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     local = _local_batch_size(global_batch_size, process_count)
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(TrainTransform(image_size, resize_size), seed=seed)
+    records = _records(source)
+    ds = grain.MapDataset.source(records).shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(TrainTransform(image_size, resize_size, augment,
+                                      records if records is not source else None), seed=seed)
     return ds.batch(local, drop_remainder=True)[process_index::process_count]
 
 
-def train_batches(source, *, start_step: int = 0, workers: int = 0, **kwargs):
+def train_batches(source, *, start_step: int = 0, workers: int = 0, **kwargs) -> BatchIterator:
     """Iterator over this process's local train batches, starting at global batch `start_step`."""
-    return _to_iterator(train_dataset(source, **kwargs)[start_step:], workers)
+    iterator = _to_iterator(train_dataset(source, **kwargs)[start_step:], workers)
+    return BatchIterator(iterator, source, kind="train", start_step=start_step,
+                         global_batch_size=kwargs["global_batch_size"])
 
 
-def eval_dataset(source, *, global_batch_size: int, image_size: int, resize_size: int,
-                                 process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """Every eval example exactly once, in order; the last global batch is padded and `mask` marks real rows."""
+def eval_dataset(source, *, global_batch_size: int, image_size: int, resize_size: int, eval_crops: int = 1,
+                 process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Every eval example exactly once, in order; the last global batch is padded and `mask` marks real rows.
+
+    eval_crops=10 ships the central resize_size x resize_size square instead of the image_size crop; the
+    device cuts the paper's ten views from it (transforms.ten_crop_probabilities)."""
+    if eval_crops not in EVAL_CROPS:
+        raise ValueError(f"eval_crops must be one of {EVAL_CROPS}, got {eval_crops!r}")
     local = _local_batch_size(global_batch_size, process_count)
     num_batches = -(-len(source) // global_batch_size)
-    ds = grain.MapDataset.source(PaddedSource(source, num_batches * global_batch_size))
-    ds = ds.map(EvalTransform(image_size, resize_size))
+    ds = grain.MapDataset.source(PaddedSource(_records(source), num_batches * global_batch_size))
+    ds = ds.map(EvalTransform(image_size, resize_size, eval_crops))
     return ds.batch(local)[process_index::process_count]
 
 
-def eval_batches(source, *, workers: int = 0, **kwargs):
-    return _to_iterator(eval_dataset(source, **kwargs), workers)
+def eval_batches(source, *, workers: int = 0, **kwargs) -> BatchIterator:
+    return BatchIterator(_to_iterator(eval_dataset(source, **kwargs), workers), source, kind="eval")
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:

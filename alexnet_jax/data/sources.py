@@ -1,9 +1,15 @@
 """Random-access data sources: `len(src)`, `src[i] -> {"image": uint8 HWC RGB, "label": int}`, `src.class_names`.
 
 Every source is indexable so grain can shuffle globally and each process can read only its own slice of a global
-batch. New formats (ImageFolder, ArrayRecord) drop in by implementing the same three members and registering in
-`create_source`.
+batch. New formats drop in by implementing the same three members and registering in `create_source`.
+
+Sources of encoded images (data/imagefolder.py: ImageFolder and the flat ILSVRC val folder; data/arrayrecord.py:
+our converter's shards) also have `read_record(i)` (the undecoded element: {"encoded": bytes, "label", "index"})
+and `name(i)` (the file, for messages); the pipeline reads through `read_record` and decodes in its grain
+workers, at the size the crop needs.
 """
+
+import os
 
 import numpy as np
 from PIL import Image
@@ -68,7 +74,18 @@ class SyntheticSource:
 
 
 def create_source(data_config, split: str, num_classes: int, seed: int):
-    """The `split` ("train" or "eval") of the source named by `data.source`."""
+    """The `split` ("train" or "eval") of the source named by `data.source`.
+
+    Raises ValueError naming the key or file when the data cannot be used (missing path, labels that disagree
+    with the train split, more classes than the model has)."""
+    source = _create_source(data_config, split, num_classes, seed)
+    if len(source.class_names) > num_classes:
+        raise ValueError(f"data.{'train' if split == 'train' else 'eval'}_path has {len(source.class_names)} classes"
+                         f" but model.num_classes is {num_classes}")
+    return source
+
+
+def _create_source(data_config, split: str, num_classes: int, seed: int):
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     name = data_config.source
@@ -78,4 +95,40 @@ def create_source(data_config, split: str, num_classes: int, seed: int):
         size = data_config.synthetic_examples
         return SyntheticSource(size if split == "train" else max(1, size // 4), data_config.image_size, num_classes,
                                                      seed=seed + (0 if split == "train" else 1))
+    if name == "imagefolder":
+        return _imagefolder_source(data_config, split)
+    if name == "arrayrecord":
+        return _arrayrecord_source(data_config, split)
     raise ValueError(f"data.source={name!r} is not available yet")
+
+
+def _split_path(data_config, split: str) -> str:
+    key = "train_path" if split == "train" else "eval_path"
+    path = data_config[key]
+    if not path or not os.path.exists(path):
+        raise ValueError(f"data.{key}: no such file or directory: {path!r}")
+    return path
+
+
+def _imagefolder_source(data_config, split: str):
+    from alexnet_jax.data import imagefolder
+
+    path = _split_path(data_config, split)
+    if split == "train":
+        return imagefolder.ImageFolderSource(path)
+    # Eval labels must be the train split's: its folder list (cheap) when there is one, else ImageNet's 1000.
+    return imagefolder.create(path, class_names=imagefolder.training_class_names(data_config.train_path),
+                              ground_truth=data_config.get("val_labels", ""),
+                              labels_file=data_config.get("labels_file", ""))
+
+
+def _arrayrecord_source(data_config, split: str):
+    from alexnet_jax.data import arrayrecord
+
+    source = arrayrecord.ArrayRecordSource(_split_path(data_config, split))
+    if split == "eval" and data_config.train_path and os.path.exists(data_config.train_path):
+        train_classes = arrayrecord.read_manifest(data_config.train_path)["class_names"]
+        if train_classes != source.class_names:
+            raise ValueError(f"data.eval_path {data_config.eval_path}: its class list differs from data.train_path's"
+                             " (convert both splits with the same classes)")
+    return source

@@ -1,8 +1,15 @@
 """Per-example host transforms (uint8 in, uint8 out) and the on-device ones that run inside the jitted step.
 
 The host only decodes, resizes and crops; it ships uint8 NHWC so transfers are 4x smaller than float32.
-Normalisation and flips run on the accelerator where they are nearly free.
+Normalisation, flips, PCA lighting noise and the ten eval crops run on the accelerator where they are nearly free.
+
+Host crops are described as boxes in the full-resolution picture (`*_box` functions): the encoded-image path
+(data/decode.py) decodes only at the resolution a box needs and resamples the box straight to the output size.
+The array functions (`random_crop`, `center_crop`, `random_resized_crop`) are the same views for sources that
+already hold pixels (digits, synthetic, raw ArrayRecord).
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +45,120 @@ def random_crop(image: np.ndarray, rng: np.random.Generator, image_size: int, re
     top = int(rng.integers(h - image_size + 1))
     left = int(rng.integers(w - image_size + 1))
     return image[top:top + image_size, left:left + image_size]
+
+
+Box = tuple[float, float, float, float]  # (left, top, right, bottom), pixels of the full-resolution picture
+
+
+def _resized_shape(width: int, height: int, resize_size: int) -> tuple[int, int]:
+    """(w, h) after resizing the short side to `resize_size`, rounded as `resize_short_side` does."""
+    scale = resize_size / min(width, height)
+    return max(resize_size, round(width * scale)), max(resize_size, round(height * scale))
+
+
+def _box_in_original(width, height, resized_w, resized_h, left, top, size) -> Box:
+    sx, sy = width / resized_w, height / resized_h
+    return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+
+
+def alexnet_crop_box(width: int, height: int, rng: np.random.Generator, image_size: int,
+                     resize_size: int) -> Box:
+    """The paper's train view as a box: short side to `resize_size`, a uniformly placed `image_size` square."""
+    rw, rh = _resized_shape(width, height, resize_size)
+    top = int(rng.integers(rh - image_size + 1))
+    left = int(rng.integers(rw - image_size + 1))
+    return _box_in_original(width, height, rw, rh, left, top, image_size)
+
+
+def center_crop_box(width: int, height: int, image_size: int, resize_size: int) -> Box:
+    """The eval view as a box: short side to `resize_size`, the central `image_size` square."""
+    rw, rh = _resized_shape(width, height, resize_size)
+    return _box_in_original(width, height, rw, rh, (rw - image_size) // 2, (rh - image_size) // 2, image_size)
+
+
+def inception_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.08, 1.0),
+                       ratio=(3 / 4, 4 / 3)) -> Box:
+    """Szegedy et al.'s random-resized crop (torchvision's RandomResizedCrop.get_params): a box covering a
+    uniform `scale` fraction of the area with a log-uniform aspect `ratio`; 10 tries, then the central box with
+    the aspect ratio clamped into `ratio`. The caller resizes the box to the square output (aspect distorts)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(height - h + 1))
+            left = int(rng.integers(width - w + 1))
+            return (left, top, left + w, top + h)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return (left, top, left + w, top + h)
+
+
+def crop_box_array(image: np.ndarray, box: Box, out_size: int) -> np.ndarray:
+    """The `box` of an HWC uint8 array resampled (bilinear, antialiased) to an `out_size` square."""
+    from alexnet_jax.data import decode  # local: decode imports nothing from here, but keep the graph one-way
+
+    return decode.resample_box(Image.fromarray(image), box, (out_size, out_size))
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, image_size: int) -> np.ndarray:
+    """The `inception` train view of an array: `inception_crop_box` resized to `image_size` squared."""
+    h, w = image.shape[:2]
+    return crop_box_array(image, inception_crop_box(w, h, rng), image_size)
+
+
+# --- on the device ------------------------------------------------------------------------------------------------
+
+# Principal components of ImageNet RGB pixels (in 0..1 units), the values fb.resnet.torch uses
+# (datasets/imagenet.lua, "pca"); AlexNet (Krizhevsky et al. 2012, section 4.1) adds
+# eigvec @ (alpha * eigval) to every pixel with alpha ~ N(0, 0.1) drawn per image.
+# Columns of IMAGENET_PCA_EIGVEC are the eigenvectors, rows are R, G, B.
+IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_PCA_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+
+
+def pca_lighting(images: jax.Array, key: jax.Array, std: float = 0.1) -> jax.Array:
+    """AlexNet's colour (lighting) noise on NHWC images in 0..255 units -> float32, on the device.
+
+    Each image gets the same RGB offset at every pixel: 255 * eigvec @ (alpha * eigval), alpha ~ N(0, std^2)
+    per image and component. Not clipped (as fb.resnet.torch); `normalize` takes the float result as it is.
+    """
+    eigval = jnp.asarray(IMAGENET_PCA_EIGVAL, jnp.float32)
+    eigvec = jnp.asarray(IMAGENET_PCA_EIGVEC, jnp.float32)
+    alpha = jax.random.normal(key, (images.shape[0], 3), jnp.float32) * std
+    offset = 255.0 * (alpha * eigval) @ eigvec.T  # (N, 3): row n is eigvec @ (alpha_n * eigval)
+    return images.astype(jnp.float32) + offset[:, None, None, :]
+
+
+def ten_crop(images: jax.Array, size: int) -> jax.Array:
+    """(N, R, R, C) -> (10, N, size, size, C): the four corner and the centre `size` squares, then the same five
+    mirrored left-right -- the paper's test-time views of the central R x R patch (section 4.1)."""
+    n, h, w, c = images.shape
+    offsets = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), ((h - size) // 2, (w - size) // 2)]
+    views = jnp.stack([images[:, t:t + size, l:l + size, :] for t, l in offsets])
+    return jnp.concatenate([views, views[:, :, :, ::-1, :]])
+
+
+def ten_crop_probabilities(apply_fn, images: jax.Array, size: int) -> jax.Array:
+    """Mean softmax over the ten views of each image: (N, R, R, C) uint8 -> (N, classes).
+
+    `apply_fn(uint8 NHWC views) -> logits`. The views run one after another (`lax.map`) so memory stays that of
+    a single-crop batch."""
+    return jnp.mean(jax.lax.map(lambda v: jax.nn.softmax(apply_fn(v).astype(jnp.float32)), ten_crop(images, size)),
+                    axis=0)
 
 
 def normalize(images: jax.Array, dtype=jnp.float32) -> jax.Array:

@@ -1,0 +1,116 @@
+"""Our converter's ArrayRecord shards (data/convert.py) as a random-access source.
+
+A converted directory holds `manifest.json` and the shards it lists. Each record is
+
+    b"AXJ1" | uint32 little-endian header length | UTF-8 JSON header | payload
+
+with header {"label": int, "name": relative source path, "format": "jpeg" | "raw", "shape": [h, w, 3] (raw)};
+the payload is the re-encoded JPEG or the raw uint8 HWC pixels. A self-describing header rather than pickle:
+reading a shard never executes anything it contains.
+
+Shards are written with `group_size:1`, so reading record i touches only record i (grain's global shuffle is
+random access); the source opens them through array_record's `ArrayRecordDataSource` (what
+`grain.sources.ArrayRecordDataSource` wraps, without importing jax -- the converter and its workers stay light),
+which reopens its readers lazily after being pickled into grain worker processes.
+"""
+
+import hashlib
+import json
+import os
+import struct
+
+import numpy as np
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+from alexnet_jax.data import decode
+
+MAGIC = b"AXJ1"
+MANIFEST = "manifest.json"
+WRITER_OPTIONS = "group_size:1,uncompressed"  # JPEG does not compress; random reads must not inflate a group
+FORMATS = ("jpeg", "raw")
+
+
+def encode_record(label: int, name: str, payload: bytes, fmt: str, shape=None) -> bytes:
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    header = {"label": int(label), "name": name, "format": fmt}
+    if fmt == "raw":
+        header["shape"] = [int(s) for s in shape]
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes + payload
+
+
+def decode_record(record: bytes) -> tuple[dict, memoryview]:
+    """(header, payload) of one record; ValueError if it is not one of ours."""
+    if record[:4] != MAGIC:
+        raise ValueError("not an alexnet_jax ArrayRecord record (bad magic)")
+    (length,) = struct.unpack_from("<I", record, 4)
+    header = json.loads(bytes(record[8:8 + length]))
+    return header, memoryview(record)[8 + length:]
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(path: str) -> dict:
+    """The manifest of a converted directory (or the manifest file itself)."""
+    manifest_path = os.path.join(path, MANIFEST) if os.path.isdir(path) else path
+    if not os.path.isfile(manifest_path):
+        raise ValueError(f"{path}: no {MANIFEST} (not a finished conversion; rerun data.convert to finish it)")
+    with open(manifest_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class ArrayRecordSource:
+    """Records of a converted directory, in manifest shard order. The shard sizes are checked against the
+    manifest on open (cheap, catches truncated copies); `verify()` also checks the sha256 of every shard."""
+
+    def __init__(self, path: str):
+        self.root = path if os.path.isdir(path) else os.path.dirname(path)
+        self.manifest = read_manifest(path)
+        self.class_names = list(self.manifest["class_names"])
+        self._paths = []
+        for shard in self.manifest["shards"]:
+            shard_path = os.path.join(self.root, shard["file"])
+            if not os.path.isfile(shard_path):
+                raise ValueError(f"{shard_path}: shard listed in {MANIFEST} is missing")
+            if os.path.getsize(shard_path) != shard["bytes"]:
+                raise ValueError(f"{shard_path}: {os.path.getsize(shard_path)} bytes, the manifest says "
+                                 f"{shard['bytes']} (truncated or replaced)")
+            self._paths.append(shard_path)
+        self._records = ArrayRecordDataSource(self._paths)
+        if len(self._records) != self.manifest["num_examples"]:
+            raise ValueError(f"{self.root}: {len(self._records)} records, the manifest says "
+                             f"{self.manifest['num_examples']}")
+
+    def __len__(self):
+        return len(self._records)
+
+    def read_record(self, index: int) -> dict:
+        """{"encoded": JPEG bytes} or {"image": uint8 HWC} for raw shards, plus "label" and "index"."""
+        index = int(index)
+        header, payload = decode_record(self._records[index])
+        example = {"label": np.int32(header["label"]), "index": np.int64(index)}
+        if header["format"] == "raw":
+            example["image"] = np.frombuffer(payload, np.uint8).reshape(header["shape"])
+        else:
+            example["encoded"] = bytes(payload)
+        return example
+
+    def __getitem__(self, index):
+        record = self.read_record(index)
+        image = record["image"] if "image" in record else decode.decode(record["encoded"])
+        return {"image": image, "label": int(record["label"])}
+
+    def name(self, index: int) -> str:
+        header, _ = decode_record(self._records[int(index)])
+        return f"{self.root}[{index}] ({header['name']})"
+
+    def verify(self) -> list[str]:
+        """Shards whose sha256 differs from the manifest (empty when all are intact)."""
+        return [p for p, s in zip(self._paths, self.manifest["shards"]) if file_sha256(p) != s["sha256"]]

@@ -1,0 +1,275 @@
+"""Convert an image folder to ArrayRecord shards for the `arrayrecord` source.
+
+    python -m alexnet_jax.data.convert --src=/data/imagenet/train --dst=/data/imagenet-ar/train --shards=1024 \\
+        [--resize=256] [--format=jpeg|raw] [--quality=95] [--workers=K]
+    python -m alexnet_jax.data.convert --src=/data/imagenet/val --dst=/data/imagenet-ar/val --shards=64 \\
+        --classes_from=/data/imagenet/train      # a flat val folder: its ground truth is found beside it
+
+`--src` is an ImageFolder (class = sub-folder) or a flat val folder with LOC_val_solution.csv /
+ILSVRC2012_validation_ground_truth.txt (`--val_labels`, `--labels_file` as data.val_labels / data.labels_file).
+Every file is decoded (EXIF orientation applied, any mode to RGB), its short side brought down to `--resize`
+(never up; 0 keeps the size), and stored re-encoded as JPEG or as raw uint8 pixels, with its label and name.
+Files that do not decode are skipped, one line each naming the file, and listed in the manifest.
+
+The files are dealt to shards in a fixed shuffled order (seed `--seed`), so shards mix classes. Each shard is
+written to a temporary name, checksummed, renamed, and marked done with a small `<shard>.done.json`; rerunning
+the same command skips shards already done (resume after an interruption), then writes `manifest.json`: class
+names, per-class counts, per-shard record counts, sizes and sha256, and the skipped files.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+import numpy as np
+
+from alexnet_jax.data import arrayrecord, decode, imagefolder
+
+STATE_FILE = "convert_state.json"
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"data-{index:05d}-of-{count:05d}.array_record"
+
+
+def _fingerprint(source, args) -> dict:
+    """What a resumed run must agree with: the file list, labels and every option that changes the bytes."""
+    import hashlib
+
+    digest = hashlib.sha256(source._blob)
+    digest.update(source._offsets.tobytes())
+    digest.update(source.labels.tobytes())
+    return {"files": len(source), "file_list_sha256": digest.hexdigest(), "class_names": source.class_names,
+            "shards": args.shards, "resize": args.resize, "format": args.format, "quality": args.quality,
+            "seed": args.seed}
+
+
+def shard_assignment(num_files: int, num_shards: int, seed: int) -> list[np.ndarray]:
+    order = np.random.default_rng(seed).permutation(num_files)
+    bounds = [num_files * k // num_shards for k in range(num_shards + 1)]
+    return [order[bounds[k]:bounds[k + 1]] for k in range(num_shards)]
+
+
+def encode_example(data: bytes, resize: int, fmt: str, quality: int) -> tuple[bytes, tuple | None]:
+    """(payload, shape or None) for one file's bytes; raises decode.BadImageError."""
+    from PIL import Image
+    import io
+
+    pixels = decode.decode_resized(data, resize)
+    if fmt == "raw":
+        return np.ascontiguousarray(pixels).tobytes(), pixels.shape
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue(), None
+
+
+_worker = {}
+
+
+def _init_worker(source, progress):
+    _worker["source"], _worker["progress"] = source, progress
+
+
+def convert_shard(task: dict) -> dict:
+    """Writes one shard (temp name -> checksum -> rename -> done marker); returns its done record."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    source, progress = _worker["source"], _worker.get("progress")
+    final = os.path.join(task["dst"], task["file"])
+    temporary = final + ".tmp"
+    counts = np.zeros(len(source.class_names), np.int64)
+    skipped = []
+    writer = ArrayRecordWriter(temporary, arrayrecord.WRITER_OPTIONS)
+    written = 0
+    for index in task["indices"]:
+        record = source.read_record(int(index))
+        try:
+            payload, shape = encode_example(record["encoded"], task["resize"], task["format"], task["quality"])
+        except decode.BadImageError as error:
+            skipped.append({"file": source.relative_path(int(index)), "error": str(error)})
+        else:
+            label = int(record["label"])
+            writer.write(arrayrecord.encode_record(label, source.relative_path(int(index)), payload, task["format"],
+                                                   shape))
+            counts[label] += 1
+            written += 1
+        if progress is not None:
+            with progress.get_lock():
+                progress.value += 1
+    writer.close()
+    done = {"file": task["file"], "num_records": written, "bytes": os.path.getsize(temporary),
+            "sha256": arrayrecord.file_sha256(temporary), "class_counts": counts.tolist(), "skipped": skipped}
+    os.replace(temporary, final)
+    _write_json(final + ".done.json", done)
+    return done
+
+
+def _write_json(path: str, value) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _finished(dst: str, file: str) -> dict | None:
+    """The done record of a shard whose file is intact (size as recorded), else None."""
+    marker = os.path.join(dst, file + ".done.json")
+    try:
+        with open(marker, encoding="utf-8") as f:
+            done = json.load(f)
+        return done if os.path.getsize(os.path.join(dst, file)) == done["bytes"] else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class Progress:
+    """One line on stderr: a bar when it is a terminal, a line every ~10 s when it is a log."""
+
+    def __init__(self, total: int, already: int):
+        self.total, self.already, self.start = total, already, time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def show(self, done: int, final: bool = False):
+        now = time.monotonic()
+        if not final and now - self.last < (0.5 if self.tty else 10.0):
+            return
+        self.last = now
+        rate = (done - self.already) / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        width = 30
+        filled = int(width * done / max(self.total, 1))
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} images, {rate:.0f} img/s"
+                + (f", ETA {eta / 60:.1f} min" if np.isfinite(eta) and not final else ""))
+        print(("\r" + line) if self.tty else line, end="\n" if final or not self.tty else "", file=sys.stderr,
+              flush=True)
+
+
+def convert(args) -> dict:
+    """Runs (or resumes) a conversion; returns the manifest."""
+    class_names = None
+    if args.classes_from:
+        manifest = os.path.join(args.classes_from, arrayrecord.MANIFEST)
+        if os.path.isfile(manifest) or args.classes_from.endswith(".json"):
+            class_names = arrayrecord.read_manifest(args.classes_from)["class_names"]
+        else:
+            class_names = imagefolder.training_class_names(args.classes_from)
+    source = imagefolder.create(args.src, class_names=class_names, ground_truth=args.val_labels,
+                                labels_file=args.labels_file)
+    if args.shards > len(source):
+        raise ValueError(f"--shards={args.shards} is more than the {len(source)} files in {args.src}")
+    os.makedirs(args.dst, exist_ok=True)
+    fingerprint = _fingerprint(source, args)
+    state_path = os.path.join(args.dst, STATE_FILE)
+    if os.path.exists(state_path):
+        with open(state_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous != fingerprint:
+            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+            raise ValueError(f"{args.dst} holds a conversion with other {', '.join(changed)}; "
+                             "use an empty --dst or the same source and options")
+    else:
+        _write_json(state_path, fingerprint)
+
+    assignment = shard_assignment(len(source), args.shards, args.seed)
+    files = [shard_name(k, args.shards) for k in range(args.shards)]
+    done = {f: _finished(args.dst, f) for f in files}
+    todo = [k for k, f in enumerate(files) if done[f] is None]
+    already = sum(len(assignment[k]) for k in range(args.shards) if done[files[k]] is not None)
+    if len(todo) < args.shards:
+        print(f"resuming: {args.shards - len(todo)} of {args.shards} shards already done", file=sys.stderr)
+    tasks = [{"dst": args.dst, "file": files[k], "indices": assignment[k], "resize": args.resize,
+              "format": args.format, "quality": args.quality} for k in todo]
+
+    progress = Progress(len(source), already)
+
+    def report(record):
+        done[record["file"]] = record
+        for bad in record["skipped"]:
+            print(f"skipped unreadable file {os.path.join(args.src, bad['file'])}: {bad['error']}", file=sys.stderr)
+
+    workers = max(1, min(args.workers or os.cpu_count() or 1, len(tasks) or 1))
+    if tasks and workers == 1:
+        _init_worker(source, None)
+        count = already
+        for task in tasks:
+            report(convert_shard(task))
+            count += len(task["indices"])
+            progress.show(count)
+    elif tasks:
+        context = multiprocessing.get_context("spawn")
+        counter = context.Value("q", already)
+        with context.Pool(workers, initializer=_init_worker, initargs=(source, counter)) as pool:
+            results = pool.imap_unordered(convert_shard, tasks)
+            remaining = len(tasks)
+            while remaining:
+                try:
+                    record = results.next(timeout=0.5)
+                except multiprocessing.TimeoutError:
+                    progress.show(counter.value)
+                    continue
+                report(record)
+                remaining -= 1
+                progress.show(counter.value)
+    progress.show(len(source), final=True)
+
+    shards = [done[f] for f in files]
+    counts = np.sum([s["class_counts"] for s in shards], axis=0).tolist()
+    skipped = [dict(s, shard=d["file"]) for d in shards for s in d["skipped"]]
+    manifest = {
+        "format_version": 1,
+        "source": os.path.abspath(args.src),
+        "class_names": source.class_names,
+        "num_examples": int(sum(s["num_records"] for s in shards)),
+        "class_counts": counts,
+        "encoding": args.format,
+        "resize": args.resize,
+        "quality": args.quality if args.format == "jpeg" else None,
+        "shards": [{k: s[k] for k in ("file", "num_records", "bytes", "sha256")} for s in shards],
+        "skipped": skipped,
+    }
+    _write_json(os.path.join(args.dst, arrayrecord.MANIFEST), manifest)
+    print(f"wrote {manifest['num_examples']} examples of {len(source.class_names)} classes in {args.shards} shards"
+          f" to {args.dst}; {len(skipped)} unreadable file(s) skipped", file=sys.stderr)
+    return manifest
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m alexnet_jax.data.convert", description=__doc__.split("\n")[0])
+    parser.add_argument("--src", required=True, help="ImageFolder (class sub-folders) or flat val folder")
+    parser.add_argument("--dst", required=True, help="output directory (created; rerun to resume)")
+    parser.add_argument("--shards", type=int, required=True, help="number of ArrayRecord shards")
+    parser.add_argument("--resize", type=int, default=256, help="short side at most this (0: keep the size)")
+    parser.add_argument("--format", choices=arrayrecord.FORMATS, default="jpeg", help="jpeg bytes or raw pixels")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of the re-encoded images")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes (0: one per CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the file -> shard deal")
+    parser.add_argument("--classes_from", default="",
+                        help="train ImageFolder or converted train dir whose classes label this split")
+    parser.add_argument("--val_labels", default="", help="ground truth of a flat val folder (default: found)")
+    parser.add_argument("--labels_file", default="", help="wnids in devkit ILSVRC2012_ID order (devkit txt only)")
+    args = parser.parse_args(argv)
+    if args.shards < 1:
+        parser.error("--shards must be >= 1")
+    if args.resize < 0 or not 1 <= args.quality <= 100 or args.workers < 0:
+        parser.error("--resize and --workers must be >= 0, --quality in 1..100")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not os.path.isdir(args.src):
+        print(f"error: --src: no such directory: {args.src}", file=sys.stderr)
+        return 2
+    try:
+        convert(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
