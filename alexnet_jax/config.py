@@ -44,6 +44,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.random_flip = True  # on-device horizontal flip of train images
     c.data.workers = 0  # grain worker processes; 0 decodes in the training process
     c.data.synthetic_examples = 1024  # size of the `synthetic` source's train split (eval gets a quarter)
+    c.data.augment = "alexnet"  # train crops: "alexnet" (short side resize_size, random image_size square) or
+    # "inception" (random-resized crop: 8-100% of the area, aspect 3/4-4/3, resized to image_size)
+    c.data.lighting_std = 0.1  # AlexNet's PCA colour noise, on the device (0 disables)
+    c.data.eval_crops = 1  # 1: centre crop; 10: the paper's four corners + centre and their mirrors, averaged
+    # A flat val folder's ground truth: LOC_val_solution.csv or the devkit's ILSVRC2012_validation_ground_truth.txt;
+    # "" looks for either in eval_path and up to four folders above it.
+    c.data.val_labels = ""
+    c.data.labels_file = ""  # wnids in the devkit's ILSVRC2012_ID order: needed only with the devkit ground truth
 
     c.optim = ml_collections.ConfigDict()
     c.optim.optimizer = "sgd"
@@ -59,6 +67,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 5e-4
     c.optim.clip_norm = 0.0
 
+    # Gradient-explosion guard (alexnet_jax/stability.py). A step with a non-finite loss, gradient or update is
+    # always skipped on the device; these set what the host does about it and about loss spikes.
+    c.stability = ml_collections.ConfigDict()
+    c.stability.layer_stats_every = 100  # per-layer grad_norm/<layer> in the train row about this often (steps)
+    c.stability.spike_factor = 2.0  # roll back when a row's loss > this x the running median (0: never) ...
+    c.stability.spike_min_delta = 0.5  # ... and exceeds the median by this much (nats), so noise never fires
+    c.stability.spike_window = 20  # running median over this many log rows
+    c.stability.max_consecutive_skips = 10  # ... or when this many steps in a row were skipped (0: never)
+    c.stability.skip_batches = 200  # after a rollback, data resumes this many batches past the spike (PaLM 200-500)
+    c.stability.lr_factor = 1.0  # learning rate multiplied by this at each rollback (1: unchanged)
+    c.stability.max_rollbacks = 3  # the next spike stops the run (exit code 3)
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.model = 1  # size of the 'model' mesh axis; 'data' takes the remaining devices
     return c
@@ -70,7 +90,7 @@ class ConfigError(ValueError):
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Raises ConfigError naming the first bad key, before any file is written or anything compiles."""
-    from alexnet_jax import models  # local: keeps `import alexnet_jax.config` light for config files
+    from alexnet_jax import models, stability  # local: keeps `import alexnet_jax.config` light for config files
 
     problems = []
     m, d = config.model, config.data
@@ -95,12 +115,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                 problems.append(f"data.{key} must be set for data.source={d.source!r}")
             elif not os.path.exists(path):
                 problems.append(f"data.{key}: no such file or directory: {path}")
+            elif d.source == "arrayrecord" and not os.path.isfile(os.path.join(path, "manifest.json")):
+                problems.append(f"data.{key}: {path} has no manifest.json (convert it with alexnet_jax.data.convert)")
     if d.image_size < 64:
         problems.append(f"data.image_size must be >= 64 (got {d.image_size})")
     if d.resize_size < d.image_size:
         problems.append(f"data.resize_size must be >= data.image_size (got {d.resize_size} < {d.image_size})")
     if d.workers < 0:
         problems.append(f"data.workers must be >= 0 (got {d.workers})")
+    if d.augment not in ("alexnet", "inception"):
+        problems.append(f"data.augment must be one of alexnet, inception (got {d.augment!r})")
+    if not d.lighting_std >= 0:
+        problems.append(f"data.lighting_std must be >= 0 (got {d.lighting_std})")
+    if d.eval_crops not in (1, 10):
+        problems.append(f"data.eval_crops must be 1 or 10 (got {d.eval_crops})")
+    for key in ("val_labels", "labels_file"):
+        if d[key] and not os.path.isfile(d[key]):
+            problems.append(f"data.{key}: no such file: {d[key]}")
     if config.mesh.model < 1 or num_devices % config.mesh.model:
         problems.append(f"mesh.model must divide the {num_devices} devices (got {config.mesh.model})")
     data_devices = max(1, num_devices // max(1, config.mesh.model))
@@ -119,5 +150,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         if config[key] <= 0:
             problems.append(f"{key} must be > 0 (got {config[key]})")
     problems += optim.validate_optim_config(config.optim)
+    problems += stability.validate_stability_config(config.stability)
     if problems:
         raise ConfigError(problems[0])

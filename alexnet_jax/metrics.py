@@ -9,6 +9,7 @@ import math
 import os
 import time
 
+import numpy as np
 from absl import logging
 
 
@@ -48,6 +49,34 @@ def _plain(value):
     return value
 
 
+def summarize_window(window: list[dict], layer_names=()) -> dict:
+    """One train row from the per-step metrics of the steps since the last log step (host numpy values).
+
+    Loss, top-1, grad_norm and update_ratio average the applied steps only: a step the guard skipped is counted
+    in skipped_steps instead of turning the row into NaN (NaN when every step was skipped). max_grad_norm covers
+    every step, a non-finite one as inf. Per-layer norms, when the window carries them, are its last step's.
+    """
+    applied = [m for m in window if not m["skipped"]]
+
+    def mean(key, rows):
+        return float(np.mean([m[key] for m in rows])) if rows else float("nan")
+
+    grad_norms = np.array([m["grad_norm"] for m in window], dtype=np.float64)
+    row = {
+        "train_loss": mean("train_loss", applied),
+        "train_top1": mean("train_top1", applied),
+        "learning_rate": mean("learning_rate", window),
+        "grad_norm": mean("grad_norm", applied),
+        "max_grad_norm": float(np.max(np.where(np.isfinite(grad_norms), grad_norms, np.inf))),
+        "clip_fraction": mean("clipped", window),
+        "update_ratio": mean("update_ratio", applied),
+    }
+    if "layer_grad_norms" in window[-1]:
+        row.update({f"grad_norm/{name}": float(value)
+                    for name, value in zip(layer_names, window[-1]["layer_grad_norms"])})
+    return row
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
@@ -73,10 +102,16 @@ class Throughput:
 
 
 def log_train(step: int, total: int, row: dict, eta: float) -> None:
-    logging.info("step %d/%d  loss %.4f  top1 %.3f  lr %.3g  grad_norm %.3g  %.0f img/s  ETA %s%s",
-                 step, total, row["train_loss"], row["train_top1"], row["learning_rate"], row["grad_norm"],
-                 row["img_per_s"], format_duration(eta),
-                 f"  skipped {row['skipped_steps']}" if row["skipped_steps"] else "")
+    extra = "".join(f"  {label} {row[key]:{spec}}" for key, label, spec in _OPTIONAL_FIELDS if row.get(key))
+    logging.info("step %d/%d  loss %.4f  top1 %.3f  lr %.3g  grad_norm %.3g (max %.3g)  upd/param %.2g  "
+                 "%.0f img/s  ETA %s%s", step, total, row["train_loss"], row["train_top1"], row["learning_rate"],
+                 row["grad_norm"], row.get("max_grad_norm", row["grad_norm"]), row.get("update_ratio", 0.0),
+                 row["img_per_s"], format_duration(eta), extra)
+
+
+# Shown on the console line only when non-zero.
+_OPTIONAL_FIELDS = (("clip_fraction", "clipped", ".0%"), ("skipped_steps", "skipped", "d"),
+                    ("rollbacks", "rollbacks", "d"))
 
 
 def log_eval(step: int, row: dict) -> None:

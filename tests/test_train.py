@@ -16,7 +16,7 @@ from conftest import tiny_config
 def _setup(config):
     mesh = sharding.create_mesh(config.mesh.model)
     lr_fn = optim.create_learning_rate_fn(config.optim, steps_per_epoch=4, num_train_steps=config.num_train_steps)
-    tx = optim.create_optimizer(config.optim, lr_fn)
+    tx = train.create_optimizer(config.optim, lr_fn)
     abstract = train.abstract_train_state(config, mesh, tx)
     state = train.create_train_state(config, tx, abstract)
     step_fn, eval_fn = train.compile_steps(config, mesh, tx, lr_fn, jax.tree.map(lambda x: x.sharding, abstract))
@@ -106,9 +106,12 @@ def test_resume_continues_the_step_count_and_the_same_losses(tmp_path):
 
 
 def test_short_digits_run_learns(tmp_path):
+    # Cosine, as the digits demo uses: at a constant rate BatchNorm's running statistics trail the still-moving
+    # weights, and eval_top1 after 60 steps swung between 0.51 and 0.67 on float-rounding-level differences.
     config = tiny_config(source="digits", variant="bn", **{
         "model.width": 0.125, "batch_size": 32, "num_train_steps": 60, "log_every_steps": 20,
-        "eval_every_steps": 60, "data.random_flip": False, "optim.learning_rate": 0.05})
+        "eval_every_steps": 60, "data.random_flip": False, "optim.learning_rate": 0.05,
+        "optim.schedule": "cosine"})
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["eval_examples"] == 359
     assert result["eval_top1"] > 0.6, result  # chance is 0.1; the full demo reaches >= 0.97
