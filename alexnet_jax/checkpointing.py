@@ -67,26 +67,57 @@ class CheckpointNotFound(FileNotFoundError):
 
 
 def load_for_inference(workdir: str, step: int | None = None, mesh=None):
-    """(config, class_names, model_vars, step) from DIR/checkpoints, without optimizer state.
+    """(config, class_names, model_vars, step) from DIR/checkpoints: params and BatchNorm statistics only.
 
     Params land replicated on this machine's devices (or `mesh`), whatever topology trained them: Orbax reads
-    each array onto the target sharding we pass, so a checkpoint from a pod slice loads on one CPU.
+    each array onto the explicit target sharding we pass, so a checkpoint written by 4 devices with fc6/fc7 split
+    over 'model', or by a pod slice, loads on one CPU. The optimizer state (the `train` item) is never read, so a
+    checkpoint that has none (see `save_for_inference`) loads the same way. `config` is the checkpoint's own: it
+    describes the model that was trained.
     """
     from alexnet_jax import sharding, train  # local: train imports this module
 
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise CheckpointNotFound(f"no checkpoints in {checkpoint_dir(workdir)}")
     manager = create_manager(workdir, read_only=True)
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        raise CheckpointNotFound(f"no checkpoint at step {step} in {checkpoint_dir(workdir)} "
-                                 f"(have: {list(manager.all_steps())})")
-    meta = restore_meta(manager, step)
-    config = ml_collections.ConfigDict(meta["config"])
-    mesh = mesh or sharding.create_mesh(1)
-    abstract = train.abstract_model_vars(config.model)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-                          abstract)
-    model_vars = restore_model(manager, step, target)
-    manager.close()
+    try:
+        steps = list(manager.all_steps())
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in steps:
+            raise CheckpointNotFound(f"no checkpoint at step {step} in {checkpoint_dir(workdir)} (have: {steps})")
+        meta = restore_meta(manager, step)
+        config = ml_collections.ConfigDict(meta["config"])
+        mesh = sharding.create_mesh(1) if mesh is None else mesh
+        replicated = sharding.replicated(mesh)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                              train.abstract_model_vars(config.model))
+        model_vars = restore_model(manager, step, target)
+    finally:
+        manager.close()
     return config, meta["class_names"], model_vars, step
+
+
+def save_for_inference(workdir: str, model_vars: dict, config: ml_collections.ConfigDict, class_names, *,
+                       step: int = 0, extra_meta: dict | None = None) -> str:
+    """Writes DIR/checkpoints/<step>/ with only the `model` and `meta` items, for weights made elsewhere.
+
+    Imported weights (import_torchvision) have no optimizer state worth storing: an invented one would bind the
+    checkpoint to one optimizer config and double its size. Such a checkpoint is read by `load_for_inference`
+    (predict, evaluate, export); meta["inference_only"] marks it, so a training run can tell it is not resumable.
+    Refuses to overwrite an existing step. Returns the checkpoint directory.
+    """
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(create=True),
+                                    item_names=ITEMS)
+    try:
+        if step in manager.all_steps():
+            raise FileExistsError(f"{checkpoint_dir(workdir)}/{step} already exists; not overwriting it")
+        meta = {"config": config.to_dict(), "class_names": list(class_names), "step": int(step),
+                "inference_only": True, **(extra_meta or {})}
+        manager.save(step, args=ocp.args.Composite(
+            model=ocp.args.StandardSave({"params": model_vars["params"], "batch_stats": model_vars["batch_stats"]}),
+            meta=ocp.args.JsonSave(meta),
+        ))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return os.path.join(checkpoint_dir(workdir), str(step))

@@ -1,0 +1,124 @@
+"""Export a checkpoint as one serialized StableHLO function: python -m alexnet_jax.export --workdir=DIR
+--out=FILE [--checkpoint=STEP] [--batch=N] [--platforms=cpu,cuda,tpu]
+
+FILE holds `jax.export`'s serialization of  images -> probabilities:
+  in   uint8 (batch, H, W, 3) RGB, H = W = the checkpoint's data.image_size, already resized and centre-cropped
+       the way predict does it (short side to data.resize_size, bilinear, then the central square);
+  out  float32 (batch, num_classes) softmax probabilities.
+Normalisation (ImageNet mean/std) happens inside, and the params are baked in as constants, so FILE is all a
+consumer needs, with plain JAX and without this package:
+
+    from jax import export
+    probs = export.deserialize(open(FILE, "rb").read()).call(images_uint8)
+
+The batch dimension is symbolic by default (any batch size); --batch=N fixes it. FILE.json beside it records the
+class names, image size, preprocessing and where the weights came from. Writing and reading FILE both need the
+`flatbuffers` package (jax's serializer; `pip install 'alexnet_jax[export]'`).
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from alexnet_jax import checkpointing, metrics, predict
+from alexnet_jax.data import transforms
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Called only when run as a command: importing this module defines no flags (see predict.define_flags)."""
+    flags.DEFINE_string("workdir", None, "Training directory (its checkpoints/ are read).")
+    flags.DEFINE_string("out", None, "File to write the serialized function to; FILE.json gets the description.")
+    flags.DEFINE_integer("checkpoint", None, "Checkpoint step to export; default: the newest.")
+    flags.DEFINE_integer("batch", None, "Fixed batch size; default: symbolic (any batch size).")
+    flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "Platforms the exported function can run on.")
+    flags.mark_flags_as_required(["workdir", "out"])
+
+
+EXIT_BAD_USAGE = 2
+# jax.export lowers for any of these from any machine; it does not reject a misspelt name itself.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def export_model(config, model_vars: dict, *, batch: int | None = None, platforms=("cpu",)) -> jax.export.Exported:
+    """uint8 NHWC images -> probabilities, with `model_vars` baked in as constants.
+
+    It reuses predict's function, so the exported program is the same computation predict runs.
+    """
+    size = int(config.data.image_size)
+    probabilities = predict.probabilities_fn(config)
+    # Host numpy values become constants of the program, independent of the devices the checkpoint loaded onto.
+    constants = jax.device_get(model_vars)
+    batch_dim = jax.export.symbolic_shape("b")[0] if batch is None else int(batch)
+    images = jax.ShapeDtypeStruct((batch_dim, size, size, 3), jnp.uint8)
+    return jax.export.export(jax.jit(lambda x: probabilities(constants, x)), platforms=tuple(platforms))(images)
+
+
+def describe(config, class_names, step: int, exported: jax.export.Exported, workdir: str) -> dict:
+    batch = exported.in_avals[0].shape[0]
+    return {
+        "format": "jax.export serialized (StableHLO); load with jax.export.deserialize(bytes).call(images)",
+        "jax_version": jax.__version__,
+        "platforms": list(exported.platforms),
+        "input": {"dtype": "uint8", "layout": "NHWC", "channels": "RGB",
+                  "shape": [batch if isinstance(batch, int) else str(batch), config.data.image_size,
+                            config.data.image_size, 3],
+                  "preprocessing": f"resize the short side to {config.data.resize_size} px (bilinear), then crop "
+                                   f"the central {config.data.image_size}x{config.data.image_size} square"},
+        "normalization": {"applied_inside": True, "mean_rgb": list(transforms.MEAN_RGB),
+                          "std_rgb": list(transforms.STDDEV_RGB),
+                          "note": "(pixel - mean) / std per channel, in 0..255 units; pass raw uint8 pixels"},
+        "output": {"dtype": "float32", "shape": [batch if isinstance(batch, int) else str(batch),
+                                                 len(class_names)], "meaning": "softmax probabilities"},
+        "class_names": list(class_names),
+        "model": config.model.to_dict(),
+        "checkpoint": {"workdir": os.path.abspath(workdir), "step": int(step)},
+    }
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}", exitcode=2)
+    metrics.quiet_library_logs()
+    if FLAGS.batch is not None and FLAGS.batch < 1:
+        print(f"error: --batch must be >= 1 (got {FLAGS.batch})", file=sys.stderr)
+        return EXIT_BAD_USAGE
+    if importlib.util.find_spec("flatbuffers") is None:  # jax's serializer, which jax itself does not install
+        print("error: jax.export serialization needs flatbuffers: pip install 'alexnet_jax[export]'",
+              file=sys.stderr)
+        return EXIT_BAD_USAGE
+    unknown = [p for p in FLAGS.platforms if p not in PLATFORMS]
+    if unknown or not FLAGS.platforms:
+        print(f"error: --platforms must name some of {', '.join(PLATFORMS)} (got {','.join(FLAGS.platforms)})",
+              file=sys.stderr)
+        return EXIT_BAD_USAGE
+    try:
+        config, class_names, model_vars, step = checkpointing.load_for_inference(FLAGS.workdir, FLAGS.checkpoint)
+    except checkpointing.CheckpointNotFound as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_USAGE
+    exported = export_model(config, model_vars, batch=FLAGS.batch, platforms=FLAGS.platforms)
+    out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
+    os.makedirs(out_dir, exist_ok=True)
+    # Write then rename: a reader never sees half a file, and an interrupted export leaves the old one intact.
+    sidecar = json.dumps(describe(config, class_names, step, exported, FLAGS.workdir), indent=1) + "\n"
+    for path, content in ((FLAGS.out, exported.serialize()), (FLAGS.out + ".json", sidecar.encode())):
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(content)
+        os.replace(tmp, path)
+    batch = "any" if FLAGS.batch is None else FLAGS.batch
+    print(f"wrote {FLAGS.out} ({os.path.getsize(FLAGS.out) / 2**20:.1f} MiB; checkpoint {step}, batch {batch}, "
+          f"{config.data.image_size} px, platforms {','.join(exported.platforms)}) and {FLAGS.out}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
