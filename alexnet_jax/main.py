@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import metrics, train
+from alexnet_jax import metrics, stability, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
@@ -25,6 +25,7 @@ flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() with a
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_BAD_CONFIG = 2
+EXIT_STABILITY_STOP = 3  # the gradient-explosion guard gave up (see stability.py)
 
 
 def init_distributed() -> None:
@@ -50,7 +51,14 @@ def main(argv):
         return EXIT_BAD_CONFIG
     logging.info("JAX %s on %d %s device(s), process %d of %d", jax.__version__, jax.device_count(),
                  jax.devices()[0].platform, jax.process_index(), jax.process_count())
-    train.train_and_evaluate(config, FLAGS.workdir)
+    try:
+        train.train_and_evaluate(config, FLAGS.workdir)
+    except config_lib.ConfigError as error:  # found only once the data is opened (e.g. too many classes)
+        print(f"error: config: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except stability.TrainingStopped as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        return EXIT_STABILITY_STOP
     return 0
 
 

@@ -17,6 +17,7 @@ def get_config():
     c.data.image_size = 64
     c.data.resize_size = 64
     c.data.random_flip = False  # a mirrored digit is a different glyph
+    c.data.lighting_std = 0.0  # ImageNet's colour PCA means nothing for grey digits
     c.data.workers = 0
     c.batch_size = 64
     c.num_epochs = 8
