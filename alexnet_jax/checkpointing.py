@@ -5,8 +5,9 @@ Items of a checkpoint:
   train  step, optimizer state, skipped steps  (what resuming also needs)
   meta   JSON: the config used and the class names, so a checkpoint is self-describing
 
-The dropout key is fold_in(seed, step) and the data stream is a function of the step, so (config, step) already
-pins the RNG state and the input pipeline's position: no extra state is needed to resume exactly.
+The dropout key is fold_in(seed, step) and step s reads global batch s + batch_offset (an offset that only a
+stability rollback moves, kept in the optimizer state), so (config, checkpoint) pins the RNG state and the input
+pipeline's position: nothing else is needed to resume exactly.
 """
 
 import os
