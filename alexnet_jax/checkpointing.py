@@ -11,12 +11,17 @@ pipeline's position: nothing else is needed to resume exactly.
 """
 
 import os
+import signal
+import time
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint import checkpoint_managers
 
 ITEMS = ("model", "train", "meta")
+BEST_METRIC = "eval_top1"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -27,14 +32,23 @@ def create_manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) 
     if read_only:  # Orbax warns unless saving-related options are off for a read-only manager
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     else:
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
+        # Keep the newest `max_to_keep` (for resuming) and, beside them, the one with the best eval_top1.
+        policy = checkpoint_managers.AnyPreservationPolicy([
+            checkpoint_managers.LatestN(n=max_to_keep),
+            checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=False, n=1,
+                                      keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
-def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDict, class_names) -> None:
-    """Starts an asynchronous save of `state` (a TrainState); training goes on while it is written."""
+def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDict, class_names,
+         eval_metrics: dict | None = None) -> None:
+    """Starts an asynchronous save of `state` (a TrainState); training goes on while it is written. Every
+    process must call it (each writes its own shards). `eval_metrics` from the same step rank it for BestN."""
     step = int(jax.device_get(state.step))
-    manager.save(step, args=ocp.args.Composite(
+    metrics = {BEST_METRIC: float(eval_metrics[BEST_METRIC])} if eval_metrics else None
+    manager.save(step, metrics=metrics, args=ocp.args.Composite(
         model=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
         train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
                                      "skipped_steps": state.skipped_steps}),
@@ -52,6 +66,28 @@ def restore_train_state(manager: ocp.CheckpointManager, step: int, target_state)
     model, train = restored.model, restored.train
     return target_state.replace(step=train["step"], params=model["params"], batch_stats=model["batch_stats"],
                                 opt_state=train["opt_state"], skipped_steps=train["skipped_steps"])
+
+
+def restore_newest_good(manager: ocp.CheckpointManager, target_state):
+    """(state, step) from the newest checkpoint that restores, or (None, None) if there is none.
+
+    Orbax only publishes a checkpoint by renaming its finished temporary folder, so a save cut short by SIGKILL
+    never appears as a step. A published one can still be damaged afterwards (a truncated copy, a bad disk); it
+    is then moved aside as <step>.corrupt-<time>, with a warning saying why, and the one before it is used.
+    Nothing is deleted, and the bad step can no longer block a later save of the same step number.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return restore_train_state(manager, step, target_state), step
+        except Exception as error:  # Orbax/TensorStore raise many types for damaged files; all mean "unusable"
+            directory = os.path.join(str(manager.directory), str(step))
+            aside = f"{directory}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+            logging.warning("Checkpoint %s cannot be restored (%s: %s); moved it to %s and trying the one before",
+                            directory, type(error).__name__, str(error).splitlines()[0][:300], aside)
+            if jax.process_index() == 0:
+                os.rename(directory, aside)
+            manager.reload()
+    return None, None
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -122,3 +158,31 @@ def save_for_inference(workdir: str, model_vars: dict, config: ml_collections.Co
     finally:
         manager.close()
     return os.path.join(checkpoint_dir(workdir), str(step))
+
+
+class PreemptionWatch:
+    """Asks the loop to checkpoint and stop: on SIGTERM (schedulers, `kill`) in a single-process run, and on
+    the preemption notice JAX's distributed runtime shares with every process in a multi-process run (TPU VM
+    maintenance events, SIGTERM to any one process). In a multi-process run all processes must save at the same
+    step, which only the runtime's sync point guarantees, so there the signal is left to it."""
+
+    def __init__(self, manager: ocp.CheckpointManager):
+        self._manager = manager
+        self._signal = None
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self._signal = signal.Signals(signum).name
+
+    def reason(self, step: int) -> str | None:
+        if self._signal:
+            return self._signal
+        if jax.process_count() > 1 and self._manager.reached_preemption(step):
+            return "preemption notice"
+        return None
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -26,6 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_BAD_CONFIG = 2
 EXIT_STABILITY_STOP = 3  # the gradient-explosion guard gave up (see stability.py)
+EXIT_PREEMPTED = 128 + 15  # what a shell reports for SIGTERM: schedulers treat it as "terminated", so requeue
 
 
 def init_distributed() -> None:
@@ -59,6 +60,9 @@ def main(argv):
     except stability.TrainingStopped as stop:
         print(f"error: {stop}", file=sys.stderr)
         return EXIT_STABILITY_STOP
+    except train.Preempted as stop:
+        logging.warning("Preempted: %s", stop)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -211,13 +211,17 @@ def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
     return step_fn, eval_fn
 
 
-def save_checkpoint(manager, state: TrainState, config, class_names) -> bool:
+class Preempted(Exception):
+    """Training stopped early on request (SIGTERM, a preemption notice) after checkpointing the current step."""
+
+
+def save_checkpoint(manager, state: TrainState, config, class_names, eval_metrics=None) -> bool:
     """Saves unless some value is not finite (the guard should make that impossible; this makes it certain)."""
     if not bool(jax.device_get(stability.all_finite(state))):
         logging.warning("Not checkpointing step %d: the train state holds non-finite values",
                         int(jax.device_get(state.step)))
         return False
-    checkpointing.save(manager, state, config, class_names)
+    checkpointing.save(manager, state, config, class_names, eval_metrics)
     return True
 
 
@@ -250,11 +254,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return stability.set_controls(restored, clip_norm=float(config.optim.clip_norm))
 
     fresh = train_state_initializer(config, tx, abstract_state)
-    latest = manager.latest_step()
+    state, latest = checkpointing.restore_newest_good(manager, abstract_state)
     if latest is None:
         state = fresh()
     else:
-        state = restore(latest)
+        state = stability.set_controls(state, clip_norm=float(config.optim.clip_norm))
         logging.info("Resumed from %s at step %d", checkpointing.checkpoint_dir(workdir), latest)
     start_step = int(jax.device_get(state.step))
     recovery = stability.Recovery(
@@ -276,8 +280,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             resize_size=config.data.resize_size, augment=config.data.augment,
             process_index=jax.process_index(), process_count=jax.process_count())
 
-    step, last_log, last_eval, pending = start_step, start_step, {}, []
+    step, last_log, last_eval, evaluated_at, pending = start_step, start_step, {}, -1, []
     batches, throughput = batches_from(step), metrics.Throughput(config.batch_size, step, total_steps)
+    preemption = checkpointing.PreemptionWatch(manager)
     try:
         while step < total_steps:
             state, step_metrics = step_fn(state, sharding.host_to_global(next(batches), mesh))
@@ -310,12 +315,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      eval_source, config, mesh)
                 writer.write(step, last_eval)
                 metrics.log_eval(step, last_eval)
-            if step % config.checkpoint_every_steps == 0 or last:
-                save_checkpoint(manager, state, config, class_names)
+                evaluated_at = step
+            stop_reason = preemption.reason(step)
+            if step % config.checkpoint_every_steps == 0 or last or stop_reason:
+                save_checkpoint(manager, state, config, class_names, last_eval if evaluated_at == step else None)
+            if stop_reason:
+                manager.wait_until_finished()
+                raise Preempted(f"stopped at step {step} on {stop_reason}: checkpoint saved in "
+                                f"{checkpointing.checkpoint_dir(workdir)}; rerun the same command to resume")
         if start_step >= total_steps:
             logging.info("Nothing to do: the checkpoint in %s is already at step %d of %d", workdir, start_step,
                          total_steps)
     finally:
+        preemption.close()
         manager.wait_until_finished()
         manager.close()
         writer.close()

@@ -1,0 +1,121 @@
+"""Checkpoints under abuse: SIGKILL at a random moment, SIGTERM, a damaged newest checkpoint, best-by-eval."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_cli
+
+ARGS = ["--config=configs/digits.py", "--config.model.width=0.0625", "--config.batch_size=16",
+        "--config.log_every_steps=1", "--config.eval_every_steps=1000"]
+
+
+def _losses(workdir) -> dict:
+    """step -> train_loss; a step replayed after a resume keeps its last (replayed) value."""
+    losses = {}
+    for line in open(os.path.join(workdir, "metrics.jsonl")):
+        row = json.loads(line)
+        if "train_loss" in row:
+            losses[row["step"]] = row["train_loss"]
+    return losses
+
+
+def _start(workdir, *extra):
+    return subprocess.Popen([sys.executable, "-m", "alexnet_jax.main", f"--workdir={workdir}", *ARGS, *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(workdir, proc, timeout=300):
+    ckpt = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint appeared: {proc.communicate()[0][-2000:] if proc.poll() is not None else ''}")
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_losses(tmp_path):
+    steps = ["--config.num_train_steps=40", "--config.checkpoint_every_steps=5"]
+    straight = tmp_path / "straight"
+    assert run_cli("alexnet_jax.main", f"--workdir={straight}", *ARGS, *steps).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = _start(killed, *steps)
+    _wait_for_checkpoint(killed, proc)
+    time.sleep(0.3)  # somewhere past the first checkpoint, possibly mid-save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be killed")
+    result = run_cli("alexnet_jax.main", f"--workdir={killed}", *ARGS, *steps)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed" in result.stderr
+    want, got = _losses(straight), _losses(killed)
+    assert sorted(got) == sorted(want) == list(range(1, 41))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-5), step
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits(tmp_path):
+    workdir = tmp_path / "run"
+    proc = _start(workdir, "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
+                  "--config.log_every_steps=1")
+    deadline = time.time() + 300
+    metrics = workdir / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert time.time() - sent < 60
+    assert proc.returncode == 143, output[-3000:]
+    assert "Preempted" in output and "rerun the same command" in output
+    saved = [int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 3  # the step it had reached, not a periodic one
+    assert "Traceback" not in output
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    workdir = tmp_path / "run"
+    steps = ["--config.num_train_steps=4", "--config.checkpoint_every_steps=2"]
+    assert run_cli("alexnet_jax.main", f"--workdir={workdir}", *ARGS, *steps).returncode == 0
+    newest = workdir / "checkpoints" / "4"
+    for root, _, files in os.walk(newest / "model"):
+        for name in files:  # truncate every data file of the newest checkpoint's model
+            path = os.path.join(root, name)
+            with open(path, "r+b") as f:
+                f.truncate(max(0, os.path.getsize(path) // 3))
+    result = run_cli("alexnet_jax.main", f"--workdir={workdir}", *ARGS, *steps)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cannot be restored" in result.stderr and str(newest) in result.stderr
+    assert "Resumed from" in result.stderr and "at step 2" in result.stderr
+    names = os.listdir(workdir / "checkpoints")
+    assert "4" in names and any(n.startswith("4.corrupt-") for n in names)  # redone, and the bad one kept aside
+
+
+def test_keeps_latest_and_best_by_eval(tmp_path):
+    import jax
+
+    from alexnet_jax import checkpointing, optim, sharding, train
+    from conftest import tiny_config
+
+    config = tiny_config()
+    tx = train.create_optimizer(config.optim, optim.create_learning_rate_fn(config.optim, 1, 10))
+    state = train.create_train_state(config, tx, train.abstract_train_state(config, sharding.create_mesh(), tx))
+    manager = checkpointing.create_manager(str(tmp_path), max_to_keep=2)
+    for step, top1 in enumerate([0.5, 0.9, 0.3, 0.4, 0.2], start=1):
+        state = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))
+        checkpointing.save(manager, state, config, ["a"] * 10, {"eval_top1": top1})
+        manager.wait_until_finished()
+    checkpointing.save(manager, state.replace(step=jax.numpy.asarray(6, jax.numpy.int32)), config, ["a"] * 10)
+    manager.wait_until_finished()
+    # The newest two (5 without an eval, 6) for resuming, plus step 2, the best eval_top1 so far.
+    assert sorted(manager.all_steps()) == [2, 5, 6]
