@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import metrics, optim, sharding, stability, train
+from alexnet_jax import cli, metrics, optim, sharding, stability, train
 from alexnet_jax.data import pipeline, sources
 
 FLAGS = flags.FLAGS
@@ -224,4 +224,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from alexnet_jax import checkpointing, config as config_lib, metrics, sharding, train
+from alexnet_jax import checkpointing, cli, config as config_lib, metrics, sharding, train
 from alexnet_jax.data import sources
 
 FLAGS = flags.FLAGS
@@ -44,7 +44,7 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir"])
 
 
-EXIT_BAD_USAGE = 2
+EXIT_BAD_USAGE = cli.EXIT_BAD_USAGE
 
 
 def masked_predictions(model_vars: dict, batch: dict, *, graphdef, **view_options) -> jax.Array:
@@ -209,4 +209,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from alexnet_jax import checkpointing, metrics, predict
+from alexnet_jax import checkpointing, cli, metrics, predict
 from alexnet_jax.data import transforms
 
 FLAGS = flags.FLAGS
@@ -41,7 +41,7 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir", "out"])
 
 
-EXIT_BAD_USAGE = 2
+EXIT_BAD_USAGE = cli.EXIT_BAD_USAGE
 # jax.export lowers for any of these from any machine; it does not reject a misspelt name itself.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -121,4 +121,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

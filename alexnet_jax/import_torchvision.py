@@ -21,7 +21,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from alexnet_jax import checkpointing, config as config_lib, interop, metrics, models, sharding
+from alexnet_jax import checkpointing, cli, config as config_lib, interop, metrics, models, sharding
 from alexnet_jax.data import classes
 
 FLAGS = flags.FLAGS
@@ -38,7 +38,7 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["out"])
 
 
-EXIT_BAD_USAGE = 2
+EXIT_BAD_USAGE = cli.EXIT_BAD_USAGE
 
 
 def read_class_names(path: str) -> list[str]:
@@ -123,4 +123,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from alexnet_jax import checkpointing, metrics, train
+from alexnet_jax import checkpointing, cli, metrics, train
 from alexnet_jax.data import classes, pipeline
 
 FLAGS = flags.FLAGS
@@ -89,4 +89,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -19,7 +19,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from alexnet_jax import models
+from alexnet_jax import cli, models
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _JSON = flags.DEFINE_bool("json", False, "Also print the table as one JSON object on the last stdout line.")
@@ -155,4 +155,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

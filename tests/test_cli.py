@@ -105,3 +105,18 @@ def test_help_lists_the_flags():
     assert "Train AlexNet" in result.stdout
     for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes", "--process_id"):
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--config=configs/nope.py"], "configs/nope.py"),
+    (["--config=configs/digits.py", "--config.model.foo=1"], "--config.model.foo"),
+    (["--config=configs/digits.py", "--config.batch_size=abc"], "batch_size"),
+    (["--config=configs/digits.py", "--no_workdir_given"], "no_workdir_given"),
+])
+def test_bad_usage_exits_2_with_one_error_line(tmp_path, args, named):
+    workdir = [] if "--no_workdir_given" in args else [f"--workdir={tmp_path / 'run'}"]
+    result = run_cli("alexnet_jax.main", *args, *workdir)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and named in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
