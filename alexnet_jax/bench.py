@@ -22,7 +22,8 @@ step: the compiled train step alone, the ceiling of what the device can do with 
   training runs: on-device flip/lighting/normalise, forward, backward, optax update, donated state) is compiled
   ahead of time (compile_s), run `--warmup` times, then `--steps` times with a single block_until_ready at the
   end (img_per_s, ms_per_step: the pipelined rate training sees), then `--steps` times more with a
-  block_until_ready after each (ms_per_step_synced_median: one step's latency, dispatch included).
+  block_until_ready after each (ms_per_step_synced_median: one step's latency, dispatch included; in loop and
+  e2e also the batch's fetch and transfer).
 
 loop: the real host -> device loop of train.train_and_evaluate, without eval or checkpoints.
     python -m alexnet_jax.bench loop --json [--config=...] [--config.KEY=VALUE ...] [--workers=N]
@@ -323,6 +324,7 @@ def build_step(config, total_steps: int):
     from alexnet_jax import optim, sharding, train
 
     mesh = sharding.create_mesh(config.mesh.model)
+    # One "epoch" as long as the run: the schedule's shape does not change the step's cost, only its values.
     learning_rate_fn = optim.create_learning_rate_fn(config.optim, max(1, total_steps), max(1, total_steps))
     tx = train.create_optimizer(config.optim, learning_rate_fn)
     abstract_state = train.abstract_train_state(config, mesh, tx)
@@ -347,7 +349,7 @@ def time_steps(step, state, next_batch, *, steps: int, warmup: int) -> tuple[dic
     by the host shows how much of a step the host took. Returns (timings, final state)."""
     import jax
 
-    state, step_metrics = state, None
+    step_metrics = None
     for _ in range(warmup):
         state, step_metrics = step(state, next_batch())
     jax.block_until_ready((state, step_metrics))
@@ -473,22 +475,23 @@ def _fed_loop(bench: str, args, config, source, extra: dict) -> dict:
 
     mesh, state, compiled, init_s, compile_s = build_step(config, args.warmup + 2 * args.steps)
     start = time.perf_counter()
-    batches = pipeline.train_batches(
+    batches = [pipeline.train_batches(
         source, workers=config.data.workers, global_batch_size=config.batch_size, seed=config.seed,
         image_size=config.data.image_size, resize_size=config.data.resize_size, augment=config.data.augment,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    first = [next(batches)]  # worker start-up and the first prefetch: reported apart, not in the timed steps
+        process_index=jax.process_index(), process_count=jax.process_count())]
+    first = [next(batches[0])]  # worker start-up and the first prefetch: reported apart, not in the timed steps
     first_batch_s = time.perf_counter() - start
 
     def next_batch():
-        return sharding.host_to_global(first.pop() if first else next(batches), mesh)
+        return sharding.host_to_global(first.pop() if first else next(batches[0]), mesh)
 
     try:
         timings, _ = time_steps(compiled, state, next_batch, steps=args.steps, warmup=args.warmup)
     finally:
         # The grain iterator sits in reference cycles: collect it now, while its workers can still take back their
         # shared-memory buffers, not at interpreter exit (which leaks them, and resource_tracker warns).
-        del batches, first
+        batches.clear()
+        first.clear()
         gc.collect()
     return _report(bench, config, timings, steps=args.steps, warmup=args.warmup, init_s=init_s,
                    compile_s=compile_s, extra={"workers": int(config.data.workers), "first_batch_s":
@@ -516,12 +519,9 @@ def run_e2e(args, config) -> dict:
     if args.data and not os.path.isdir(args.data):
         raise UsageError(f"--data: no such directory: {args.data}")
     with tempfile.TemporaryDirectory(prefix="alexnet_bench_") as tmp:
-        root = args.data or tmp
         config.data.source = "imagefolder"
-        config.data.train_path = config.data.eval_path = root
-        if not args.data:  # validate before spending time on the files
-            config.data.train_path = config.data.eval_path = tmp
-        _validated(config)
+        config.data.train_path = config.data.eval_path = args.data or tmp
+        _validated(config)  # before spending time on the files
         if not args.data:
             print(f"writing {args.images} JPEGs to {tmp} ...", file=sys.stderr)
             write_jpegs(tmp, args.images, seed=config.seed, classes=min(4, config.model.num_classes))
@@ -530,7 +530,7 @@ def run_e2e(args, config) -> dict:
         except ValueError as error:
             raise UsageError(f"data: {error}") from None
         sample = [source.name(i) for i in range(0, len(source), max(1, len(source) // 64))]
-        sizes = [os.path.getsize(p if os.path.isabs(p) else os.path.join(root, p)) for p in sample]
+        sizes = [os.path.getsize(path) for path in sample]
         return _fed_loop("e2e", args, config, source, {
             "data": args.data or "synthetic JPEGs (ImageNet-like sizes)", "images": len(source),
             "mean_file_kb": round(float(np.mean(sizes)) / 1024, 1)})

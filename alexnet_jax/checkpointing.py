@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 ITEMS = ("model", "train", "meta")
@@ -68,24 +69,54 @@ def restore_train_state(manager: ocp.CheckpointManager, step: int, target_state)
                                 opt_state=train["opt_state"], skipped_steps=train["skipped_steps"])
 
 
-def restore_newest_good(manager: ocp.CheckpointManager, target_state):
+class IncompatibleCheckpoint(ValueError):
+    """The checkpoint is fine but was written by a different model or optimizer than the config asks for."""
+
+
+# Settings that change the shapes or tree structure of the train state: resuming across them cannot work.
+_STATE_DEFINING_KEYS = (("model", "variant"), ("model", "num_classes"), ("model", "width"), ("optim", "optimizer"))
+
+
+def check_compatible(meta: dict, config: ml_collections.ConfigDict, directory: str) -> None:
+    if meta.get("inference_only"):
+        raise IncompatibleCheckpoint(f"{directory} holds an inference-only checkpoint (no optimizer state, e.g. "
+                                     "from import_torchvision): train in another --workdir")
+    saved = meta.get("config", {})
+    for section, key in _STATE_DEFINING_KEYS:
+        before, now = saved.get(section, {}).get(key), config[section][key]
+        if before is not None and before != now:
+            raise IncompatibleCheckpoint(
+                f"{section}.{key}={now!r} but the checkpoints in {directory} were trained with {before!r}: "
+                "use the same setting or another --workdir")
+
+
+def restore_newest_good(manager: ocp.CheckpointManager, target_state, config: ml_collections.ConfigDict):
     """(state, step) from the newest checkpoint that restores, or (None, None) if there is none.
 
     Orbax only publishes a checkpoint by renaming its finished temporary folder, so a save cut short by SIGKILL
     never appears as a step. A published one can still be damaged afterwards (a truncated copy, a bad disk); it
     is then moved aside as <step>.corrupt-<time>, with a warning saying why, and the one before it is used.
-    Nothing is deleted, and the bad step can no longer block a later save of the same step number.
+    Nothing is deleted, and the bad step can no longer block a later save of the same step number. A readable
+    checkpoint from another model or optimizer is not damage: IncompatibleCheckpoint stops the run instead.
     """
     for step in sorted(manager.all_steps(), reverse=True):
+        directory = os.path.join(str(manager.directory), str(step))
+        try:
+            meta = restore_meta(manager, step)
+        except Exception:  # unreadable metadata is damage like any other: let the restore below report it
+            meta = None
+        if meta is not None:
+            check_compatible(meta, config, str(manager.directory))
         try:
             return restore_train_state(manager, step, target_state), step
         except Exception as error:  # Orbax/TensorStore raise many types for damaged files; all mean "unusable"
-            directory = os.path.join(str(manager.directory), str(step))
             aside = f"{directory}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
             logging.warning("Checkpoint %s cannot be restored (%s: %s); moved it to %s and trying the one before",
                             directory, type(error).__name__, str(error).splitlines()[0][:300], aside)
             if jax.process_index() == 0:
                 os.rename(directory, aside)
+            # Every process must agree on what is left before any of them restores the next candidate.
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
             manager.reload()
     return None, None
 

@@ -248,13 +248,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     layer_names = sorted(abstract_state.params)
 
     manager = checkpointing.create_manager(workdir, config.max_checkpoints_to_keep)
+    try:
+        state, latest = checkpointing.restore_newest_good(manager, abstract_state, config)
+    except checkpointing.IncompatibleCheckpoint as error:
+        manager.close()
+        raise config_lib.ConfigError(str(error)) from None
 
     def restore(step):  # the config's clip_norm wins over the checkpoint's: a run may resume with it changed
         restored = checkpointing.restore_train_state(manager, step, abstract_state)
         return stability.set_controls(restored, clip_norm=float(config.optim.clip_norm))
 
     fresh = train_state_initializer(config, tx, abstract_state)
-    state, latest = checkpointing.restore_newest_good(manager, abstract_state)
     if latest is None:
         state = fresh()
     else:

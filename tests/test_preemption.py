@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -119,3 +118,14 @@ def test_keeps_latest_and_best_by_eval(tmp_path):
     manager.wait_until_finished()
     # The newest two (5 without an eval, 6) for resuming, plus step 2, the best eval_top1 so far.
     assert sorted(manager.all_steps()) == [2, 5, 6]
+
+
+def test_rerun_with_another_model_is_refused_not_treated_as_damage(tmp_path):
+    workdir = tmp_path / "run"
+    assert run_cli("alexnet_jax.main", f"--workdir={workdir}", *ARGS, "--config.num_train_steps=2").returncode == 0
+    result = run_cli("alexnet_jax.main", f"--workdir={workdir}", *ARGS, "--config.num_train_steps=4",
+                     "--config.model.width=0.125")
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.width=0.125" in errors[0] and "0.0625" in errors[0]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # nothing moved aside or overwritten

@@ -1,0 +1,93 @@
+"""`python -m alexnet_jax.bench step|loop|e2e` as a user runs them, on a tiny config: the JSON line's keys and that
+every measured number is a positive finite number. No thresholds on wall-clock numbers: they depend on the
+machine and its load.
+
+The three runs share a JAX persistent compilation cache (the same train step at the same shapes), so only the
+first pays XLA:CPU's compile; compile_s is still measured (cache load) and positive.
+"""
+
+import json
+import math
+
+import pytest
+
+from conftest import run_cli
+
+TINY = ["--config.model.width=0.0625", "--config.data.image_size=64", "--config.data.resize_size=72",
+        "--config.batch_size=8", "--steps=3", "--warmup=1"]
+
+TIMINGS = ("img_per_s", "ms_per_step", "ms_per_step_synced_median", "img_per_s_synced_median", "compile_s", "init_s")
+COMMON = (*TIMINGS, "bench", "host_ms_per_step", "device", "device_kind", "platform", "device_count", "jax",
+          "variant", "width", "dtype", "image_size", "global_batch", "steps", "warmup", "final_loss",
+          "load_average_1m", "cpu_count")
+FED = ("workers", "first_batch_s", "resize_size", "augment", "data")
+
+CASES = {
+    "step": ([], ()),
+    "loop": (["--workers=0"], FED),
+    "e2e": (["--workers=1", "--images=16"], (*FED, "images", "mean_file_kb")),
+}
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+@pytest.mark.parametrize("bench", list(CASES))  # step first: it fills the compilation cache for the other two
+def test_bench_reports_positive_finite_numbers_with_their_device(bench, compile_cache):
+    args, extra_keys = CASES[bench]
+    result = run_cli("alexnet_jax.bench", bench, "--json", *TINY, *args, env=compile_cache, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+
+    assert report["bench"] == bench
+    missing = [k for k in (*COMMON, *extra_keys) if k not in report]
+    assert not missing, missing
+    for key in TIMINGS:
+        value = report[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+    assert math.isfinite(report["host_ms_per_step"]) and report["host_ms_per_step"] >= 0
+    assert math.isfinite(report["final_loss"]) and report["skipped_steps"] == 0
+    assert report["device_count"] >= 1 and report["device_kind"] and report["platform"]
+    assert report["device"] == f"{report['platform']}: {report['device_kind']} x {report['device_count']}"
+    assert (report["variant"], report["width"], report["dtype"]) == ("owt", 0.0625, "float32")
+    assert (report["image_size"], report["global_batch"], report["steps"], report["warmup"]) == (64, 8, 3, 1)
+    # The img/s and ms/step of one run describe the same steps.
+    assert report["img_per_s"] == pytest.approx(8 * 1000 / report["ms_per_step"], rel=1e-2)
+
+    # Every printed measurement names the device it came from.
+    measured = [line for line in lines[:-1] if "img/s" in line or "ms/step" in line or "compile" in line]
+    assert measured and all(report["device"] in line for line in measured), lines[:-1]
+
+    if bench != "step":
+        assert report["first_batch_s"] > 0 and report["workers"] == (1 if bench == "e2e" else 0)
+    if bench == "e2e":
+        assert report["images"] == 16 and report["mean_file_kb"] > 10  # photo-like JPEGs, not flat colour
+
+
+def test_help_names_the_subcommands_and_the_config_overrides():
+    top = run_cli("alexnet_jax.bench", "--help")
+    assert top.returncode == 0
+    for name in ("step", "loop", "pipeline", "e2e"):
+        assert name in top.stdout
+    for name in ("step", "loop", "e2e"):
+        sub = run_cli("alexnet_jax.bench", name, "--help")
+        assert sub.returncode == 0
+        assert "--config.KEY=VALUE" in sub.stdout and "--steps" in sub.stdout and "--warmup" in sub.stdout
+        assert ("--workers" in sub.stdout) == (name != "step")
+
+
+@pytest.mark.parametrize("args, named", [
+    (["step", "--config.model.no_such_key=1"], "model.no_such_key"),
+    (["loop", "--config.batch_size=abc"], "config.batch_size"),
+    (["e2e", "--steps=0"], "--steps"),
+    (["step", "--config=configs/no_such_file.py"], "no_such_file.py"),
+])
+def test_bad_usage_exits_2_naming_the_flag(args, named):
+    result = run_cli("alexnet_jax.bench", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and named in errors[0], result.stderr
