@@ -1,8 +1,8 @@
 """Train AlexNet: python -m alexnet_jax.main --config=configs/imagenet.py --workdir=DIR [--config.key=value ...]
 
 Rerunning the same command resumes from the newest checkpoint in DIR. Multi-process runs pass
---coordinator_address/--num_processes/--process_id, or none of them on TPU pods and SLURM, where
-jax.distributed detects the cluster itself.
+--coordinator_address/--num_processes/--process_id, or --distributed alone on TPU pod slices and SLURM, where
+jax.distributed.initialize() detects the cluster itself.
 """
 
 import sys

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train alexnet_jax on every host of a multi-host Cloud TPU VM slice (v4-32, v5p-64, v6e-16, ...).
 #
-# Every host runs the same command; jax.distributed.initialize() finds the other hosts by itself on a TPU slice,
-# so no --coordinator_address/--num_processes/--process_id flags are passed. Run it from the checkout root.
+# Every host runs the same command with --distributed: jax.distributed.initialize() then finds the other hosts by
+# itself on a TPU slice, so no --coordinator_address/--num_processes/--process_id flags are passed. Run it from
+# the checkout root.
 #
 # Usage:
 #   TPU_NAME=my-v4-32 ZONE=us-central2-b WORKDIR=gs://my-bucket/runs/alexnet \
@@ -119,7 +120,7 @@ train() {
     printf -v args ' %q' "$@"
   fi
   local cmd
-  cmd=".venv/bin/python -m alexnet_jax.main --config=$(q "$CONFIG") --workdir=$(q "$WORKDIR")$args"
+  cmd=".venv/bin/python -m alexnet_jax.main --config=$(q "$CONFIG") --workdir=$(q "$WORKDIR") --distributed$args"
   echo "== starting on every host of $TPU_NAME: $cmd"
   if [[ $DETACH == 1 ]]; then
     # setsid: the run and its grain workers form one process group, which `stop` kills as a whole.

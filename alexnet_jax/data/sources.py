@@ -25,7 +25,10 @@ class DigitsSource:
     """
 
     def __init__(self, split: str, image_size: int, split_seed: int = 0):
-        from sklearn.datasets import load_digits  # optional dependency: only this source needs it
+        try:
+            from sklearn.datasets import load_digits  # optional dependency: only this source needs it
+        except ImportError:
+            raise ValueError('data.source="digits" needs scikit-learn: pip install -e ".[digits]"') from None
 
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -99,7 +102,7 @@ def _create_source(data_config, split: str, num_classes: int, seed: int):
         return _imagefolder_source(data_config, split)
     if name == "arrayrecord":
         return _arrayrecord_source(data_config, split)
-    raise ValueError(f"data.source={name!r} is not available yet")
+    raise ValueError(f"data.source={name!r} is not a known source")
 
 
 def _split_path(data_config, split: str) -> str:
