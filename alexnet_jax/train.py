@@ -65,7 +65,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rate_fn
     step_metrics = {
         "train_loss": loss,
         "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-        "learning_rate": learning_rate_fn(state.step) * state.opt_state.lr_scale,
+        # The rate this update used: optax's own count, which (unlike state.step) skipped steps do not advance.
+        "learning_rate": learning_rate_fn(optax.tree_utils.tree_get(state.opt_state, "count"))
+        * state.opt_state.lr_scale,
         "skipped": ~finite,
         **stats,  # grad_norm, layer_grad_norms, update_ratio, clipped
     }
