@@ -121,7 +121,13 @@ def log_eval(step: int, row: dict) -> None:
 
 def quiet_library_logs() -> None:
     """Orbax logs several INFO lines per save (and JAX one per missing backend) through absl: keep their
-    warnings, drop the chatter, so our own progress lines stay readable."""
+    warnings, drop the chatter, so our own progress lines stay readable. Orbax also warns on every read-only
+    open (predict, evaluate), which is exactly what those commands ask for."""
     noisy = ("/orbax/", "/jax/_src/")
-    logging.get_absl_handler().python_handler.addFilter(
-        lambda record: record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy))
+
+    def keep(record) -> bool:
+        if "/orbax/" in record.pathname and "Given directory is read only" in record.getMessage():
+            return False
+        return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
+
+    logging.get_absl_handler().python_handler.addFilter(keep)
