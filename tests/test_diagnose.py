@@ -6,16 +6,10 @@ import math
 from conftest import run_cli
 
 
-def compilation_cache_env(tmp_path_factory) -> dict:
-    """A JAX compilation cache shared by this session's command-line tests: the tiny owt model's initialisation
-    takes ~8 s to compile on 2 CPU cores, and each of these subprocesses would otherwise compile it again."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "jax_cache")}
-
-
-def test_diagnose_json_reports_every_run_and_writes_the_plot(tmp_path, tmp_path_factory):
+def test_diagnose_json_reports_every_run_and_writes_the_plot(tmp_path):
     result = run_cli("alexnet_jax.diagnose", "--config=configs/digits.py", f"--workdir={tmp_path}", "--json",
                      "--learning_rates=0.01,100", "--variants=owt", "--activations=relu", "--steps=6",
-                     "--width=0.0625", "--config.batch_size=16", env=compilation_cache_env(tmp_path_factory))
+                     "--width=0.0625", "--config.batch_size=16")
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     runs = out["runs"]
