@@ -27,7 +27,9 @@ after a crash therefore replays the same trajectory, rollbacks included.
 
 import collections
 import dataclasses
+import json
 import math
+import os
 import statistics
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -259,8 +261,41 @@ class Recovery:
                         int(self.config.skip_batches), self.lr_scale)
         # skipped_steps stays cumulative over the whole run: the steps refused before the rollback still happened.
         restored = restored.replace(skipped_steps=state.skipped_steps)
-        return set_controls(restored, lr_scale=self.lr_scale, batch_offset=self.batch_offset,
-                            rollbacks=self.rollbacks)
+        controls = {"lr_scale": self.lr_scale, "batch_offset": self.batch_offset, "rollbacks": self.rollbacks}
+        write_resume_controls(self.checkpoint_dir, restored_step, controls)
+        return set_controls(restored, **controls)
+
+
+RESUME_CONTROLS_FILE = "rollback.json"
+
+
+def write_resume_controls(checkpoint_dir: str, step: int, controls: dict) -> None:
+    """Records the controls a rollback chose for resuming from checkpoint `step`.
+
+    That checkpoint was written before the rollback, so its opt_state holds the old batch offset and LR factor;
+    without this file a run killed before its next save would replay the spike at the old rate. The next
+    checkpoint carries the controls itself, and this file then no longer matches the newest step.
+    """
+    if jax.process_index() != 0 or not checkpoint_dir:
+        return
+    path = os.path.join(checkpoint_dir, RESUME_CONTROLS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"resume_step": int(step), **{k: controls[k] for k in ("lr_scale", "batch_offset", "rollbacks")}},
+                  f)
+    os.replace(path + ".tmp", path)  # atomic: a kill leaves the old file or the new one, never half of one
+
+
+def read_resume_controls(checkpoint_dir: str, step: int) -> dict | None:
+    """The controls recorded for resuming from checkpoint `step` (0: from initialisation), or None."""
+    try:
+        with open(os.path.join(checkpoint_dir, RESUME_CONTROLS_FILE)) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if saved.get("resume_step") != step:
+        return None
+    return {"lr_scale": float(saved["lr_scale"]), "batch_offset": int(saved["batch_offset"]),
+            "rollbacks": int(saved["rollbacks"])}
 
 
 def validate_stability_config(stability_config) -> list[str]:

@@ -266,6 +266,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         state = stability.set_controls(state, clip_norm=float(config.optim.clip_norm))
         logging.info("Resumed from %s at step %d", checkpointing.checkpoint_dir(workdir), latest)
+    after_rollback = stability.read_resume_controls(checkpointing.checkpoint_dir(workdir), latest or 0)
+    if after_rollback:  # killed after a rollback and before the next save: keep what the rollback chose
+        state = stability.set_controls(state, **after_rollback)
+        logging.info("Continuing after rollback %d: batch offset %d, learning rate x%g",
+                     after_rollback["rollbacks"], after_rollback["batch_offset"], after_rollback["lr_scale"])
     start_step = int(jax.device_get(state.step))
     recovery = stability.Recovery(
         config.stability, manager=manager, restore=restore, fresh=fresh, start_step=start_step,

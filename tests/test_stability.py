@@ -190,3 +190,12 @@ def test_exploding_learning_rate_stops_with_exit_code_3_and_only_finite_checkpoi
     assert any(r.get("skipped_steps") for r in rows)
     assert os.listdir(workdir / "checkpoints")  # the good one is kept; those after it were deleted
     _assert_checkpoints_finite(str(workdir))
+
+    # The rerun resumes from the good checkpoint, which predates the rollback: it must keep the rollback's
+    # count (and offset and rate), so it stops at the next spike instead of granting itself another rollback.
+    saved = json.loads((workdir / "checkpoints" / "rollback.json").read_text())
+    assert saved["rollbacks"] == 1 and str(saved["resume_step"]) in os.listdir(workdir / "checkpoints")
+    again = run_cli("alexnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}", *overrides)
+    assert again.returncode == 3, again.stderr[-3000:]
+    assert "Continuing after rollback 1" in again.stderr
+    assert [r["rollbacks"] for r in _rows(str(workdir)) if "rollback_reason" in r] == [1]
