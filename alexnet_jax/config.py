@@ -90,7 +90,9 @@ class ConfigError(ValueError):
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Raises ConfigError naming the first bad key, before any file is written or anything compiles."""
-    from alexnet_jax import models, stability  # local: keeps `import alexnet_jax.config` light for config files
+    # Local imports keep `import alexnet_jax.config` (done by every config file) light.
+    from alexnet_jax import models, stability
+    from alexnet_jax.data import pipeline
 
     problems = []
     m, d = config.model, config.data
@@ -123,12 +125,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         problems.append(f"data.resize_size must be >= data.image_size (got {d.resize_size} < {d.image_size})")
     if d.workers < 0:
         problems.append(f"data.workers must be >= 0 (got {d.workers})")
-    if d.augment not in ("alexnet", "inception"):
-        problems.append(f"data.augment must be one of alexnet, inception (got {d.augment!r})")
+    if d.augment not in pipeline.AUGMENTATIONS:
+        problems.append(f"data.augment must be one of {', '.join(pipeline.AUGMENTATIONS)} (got {d.augment!r})")
     if not d.lighting_std >= 0:
         problems.append(f"data.lighting_std must be >= 0 (got {d.lighting_std})")
-    if d.eval_crops not in (1, 10):
-        problems.append(f"data.eval_crops must be 1 or 10 (got {d.eval_crops})")
+    if d.eval_crops not in pipeline.EVAL_CROPS:
+        problems.append(f"data.eval_crops must be one of {', '.join(map(str, pipeline.EVAL_CROPS))} "
+                        f"(got {d.eval_crops})")
     for key in ("val_labels", "labels_file"):
         if d[key] and not os.path.isfile(d[key]):
             problems.append(f"data.{key}: no such file: {d[key]}")

@@ -166,7 +166,7 @@ def _plain(value):
     """JSON-safe: non-finite floats become "nan"/"inf" strings, as in metrics.jsonl."""
     if isinstance(value, list):
         return [_plain(v) for v in value]
-    return metrics._plain(value) if isinstance(value, float) else value
+    return metrics.plain(value) if isinstance(value, float) else value
 
 
 def diagnose(config, workdir: str, *, learning_rates, variants, activations, clip_norm: float, steps: int,

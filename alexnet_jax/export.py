@@ -13,7 +13,7 @@ consumer needs, with plain JAX and without this package:
 
 The batch dimension is symbolic by default (any batch size); --batch=N fixes it. FILE.json beside it records the
 class names, image size, preprocessing and where the weights came from. Writing and reading FILE both need the
-`flatbuffers` package (jax's serializer; `pip install 'alexnet_jax[export]'`).
+`flatbuffers` package (jax's serializer; a dependency of alexnet_jax).
 """
 
 import importlib.util
@@ -90,7 +90,7 @@ def main(argv):
         print(f"error: --batch must be >= 1 (got {FLAGS.batch})", file=sys.stderr)
         return EXIT_BAD_USAGE
     if importlib.util.find_spec("flatbuffers") is None:  # jax's serializer, which jax itself does not install
-        print("error: jax.export serialization needs flatbuffers: pip install 'alexnet_jax[export]'",
+        print("error: jax.export serialization needs flatbuffers: pip install flatbuffers",
               file=sys.stderr)
         return EXIT_BAD_USAGE
     unknown = [p for p in FLAGS.platforms if p not in PLATFORMS]

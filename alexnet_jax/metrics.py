@@ -29,7 +29,7 @@ class MetricsWriter:
     def write(self, step: int, scalars: dict) -> None:
         if not self._enabled:
             return
-        row = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+        row = {"step": int(step), **{k: plain(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -41,7 +41,7 @@ class MetricsWriter:
             self._tb.close()
 
 
-def _plain(value):
+def plain(value):
     """numpy/jax scalars -> Python numbers; NaN and inf become strings so every line stays valid JSON."""
     value = value.item() if hasattr(value, "item") else value
     if isinstance(value, float) and not math.isfinite(value):

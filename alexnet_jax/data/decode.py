@@ -98,7 +98,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode.startswith("I") or mode == "F":
         gray = Image.fromarray(_sixteen_bit_to_8(np.asarray(image)), "L")
         return gray.convert("RGB")
-    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+    if mode in _ALPHA_MODES or (mode in ("P", "L") and "transparency" in image.info):
         if mode == "La":
             image = image.convert("LA")
         rgba = image.convert("RGBA")
