@@ -222,7 +222,6 @@ def run_pipeline(args) -> dict:
         many = pipeline_throughput(source, workers=workers, **kwargs)
     result = {
         "bench": "pipeline",
-        "benchmark": "pipeline",
         "pipeline_img_per_s": round(many["img_per_s"], 1),
         "pil_baseline_img_per_s": round(baseline["img_per_s"], 1),
         "pipeline_1worker_img_per_s": round(one["img_per_s"], 1),
@@ -381,7 +380,6 @@ def _report(bench: str, config, timings: dict, *, steps: int, warmup: int, init_
     median_s = float(np.median(timings["synced_s"]))
     return {
         "bench": bench,
-        "benchmark": bench,
         "img_per_s": round(batch * steps / timings["pipelined_s"], 2),
         "ms_per_step": round(1000 * timings["pipelined_s"] / steps, 3),
         "ms_per_step_synced_median": round(1000 * median_s, 3),

@@ -14,9 +14,13 @@ def shared_compilation_cache(tmp_path_factory):
     """A JAX compilation cache for this session's command-line subprocesses (they inherit os.environ): each
     would otherwise recompile the same tiny models, ~8 s apiece on 2 CPU cores. Fresh per session, so a test
     never reads an executable compiled by other code."""
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "jax_cache")
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "jax_cache"),
+             # Cache every executable, however quick or small: the tiny test models compile in under a second.
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    os.environ.update(cache)
     yield
-    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    for key in cache:
+        os.environ.pop(key, None)
 
 
 def tiny_config(source="synthetic", variant="owt", **overrides):

@@ -2,8 +2,8 @@
 every measured number is a positive finite number. No thresholds on wall-clock numbers: they depend on the
 machine and its load.
 
-The three runs share a JAX persistent compilation cache (the same train step at the same shapes), so only the
-first pays XLA:CPU's compile; compile_s is still measured (cache load) and positive.
+The three runs share the session's JAX compilation cache (conftest; the same train step at the same shapes), so
+only the first pays XLA:CPU's compile; compile_s is still measured (cache load) and positive.
 """
 
 import json
@@ -29,16 +29,10 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-
-
 @pytest.mark.parametrize("bench", list(CASES))  # step first: it fills the compilation cache for the other two
-def test_bench_reports_positive_finite_numbers_with_their_device(bench, compile_cache):
+def test_bench_reports_positive_finite_numbers_with_their_device(bench):
     args, extra_keys = CASES[bench]
-    result = run_cli("alexnet_jax.bench", bench, "--json", *TINY, *args, env=compile_cache, timeout=300)
+    result = run_cli("alexnet_jax.bench", bench, "--json", *TINY, *args, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     report = json.loads(lines[-1])
