@@ -1,5 +1,6 @@
 """What every command line shares: flag errors become one `error:` line and exit code 2 (DESIGN's contract)."""
 
+import re
 import sys
 
 from absl import app, flags
@@ -7,14 +8,25 @@ from absl import app, flags
 EXIT_BAD_USAGE = 2
 
 
+def _unknown_key(text: str, argv: list[str]) -> str:
+    """'no config key model.widht (did you mean model.width?)' from ml_collections' message, which names only the
+    last part of the key, and the override on the command line that it came from."""
+    suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    bad = suggestion.group(2) if suggestion else (re.findall(r"[\w-]+", text) or ["?"])[0]
+    for arg in argv:
+        parts = arg.split("=", 1)[0].removeprefix("--config.").split(".")
+        if arg.startswith("--config.") and bad in parts:
+            parents = parts[:parts.index(bad)]
+            hint = f" (did you mean {'.'.join([*parents, suggestion.group(1)])}?)" if suggestion else ""
+            return f"no config key {'.'.join([*parents, bad])}{hint}"
+    return f"no config key {bad}"
+
+
 def _message(error: Exception, argv: list[str]) -> str:
     # KeyError's str() is the repr of its message; the message itself reads better.
     text = str(error.args[0] if isinstance(error, KeyError) and error.args else error).strip()
     if isinstance(error, (KeyError, AttributeError)):  # ml_collections: an override naming an unknown key
-        key = text.splitlines()[0].strip("'\" ") if text else "?"
-        named = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
-        hint = " ".join(text.splitlines()[1:]).strip()
-        return f"{named[0] if named else key}: no such config key" + (f" ({hint})" if hint else "")
+        return _unknown_key(text, argv)
     return " ".join(text.split()) if text else type(error).__name__
 
 
@@ -28,7 +40,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         return remaining
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
         print(f"error: {_message(error, argv)}", file=sys.stderr)
-        print("Run with --help to see the flags.", file=sys.stderr)
+        if isinstance(error, (KeyError, AttributeError)) and "show_config" in flags.FLAGS:
+            print("List the config keys with --config=FILE --show_config.", file=sys.stderr)
+        else:
+            print("Run with --help to see the flags.", file=sys.stderr)
         sys.exit(EXIT_BAD_USAGE)
 
 

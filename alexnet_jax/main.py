@@ -1,6 +1,8 @@
 """Train AlexNet: python -m alexnet_jax.main --config=configs/imagenet.py --workdir=DIR [--config.key=value ...]
 
-Rerunning the same command resumes from the newest checkpoint in DIR. Multi-process runs pass
+Every config key can be overridden with --config.KEY=VALUE; --show_config prints them all with their values
+(keys are described in alexnet_jax/config.py and the README). Rerunning the same command resumes from the
+newest checkpoint in DIR; Ctrl-C or SIGTERM checkpoints the current step and stops (exit 130 or 143). Multi-process runs pass
 --coordinator_address/--num_processes/--process_id, or --distributed alone on TPU pod slices and SLURM, where
 jax.distributed.initialize() detects the cluster itself.
 """
@@ -22,11 +24,14 @@ flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-proc
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() with auto-detection (TPU pods, "
                   "SLURM). Default: only when --coordinator_address is given.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("show_config", False, "Print every config key with its value (after --config.* overrides) "
+                  "and exit.")
+flags.mark_flags_as_required(["config"])
 
 EXIT_BAD_CONFIG = 2
 EXIT_STABILITY_STOP = 3  # the gradient-explosion guard gave up (see stability.py)
 EXIT_PREEMPTED = 128 + 15  # what a shell reports for SIGTERM: schedulers treat it as "terminated", so requeue
+EXIT_INTERRUPTED = 128 + 2  # Ctrl-C, as a shell reports it
 
 
 def init_distributed() -> None:
@@ -42,9 +47,15 @@ def init_distributed() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = FLAGS.config
+    if FLAGS.show_config:
+        print(config)
+        return 0
+    if not FLAGS.workdir:
+        print("error: flag --workdir must be given (where checkpoints and metrics go)", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     metrics.quiet_library_logs()
     init_distributed()
-    config = FLAGS.config
     try:
         config_lib.validate(config, jax.device_count(), jax.process_count())
     except config_lib.ConfigError as error:
@@ -62,7 +73,10 @@ def main(argv):
         return EXIT_STABILITY_STOP
     except train.Preempted as stop:
         logging.warning("Preempted: %s", stop)
-        return EXIT_PREEMPTED
+        return EXIT_INTERRUPTED if stop.signal_name == "SIGINT" else EXIT_PREEMPTED
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("error: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -109,7 +109,7 @@ def test_help_lists_the_flags():
 
 @pytest.mark.parametrize("args, named", [
     (["--config=configs/nope.py"], "configs/nope.py"),
-    (["--config=configs/digits.py", "--config.model.foo=1"], "--config.model.foo"),
+    (["--config=configs/digits.py", "--config.model.foo=1"], "no config key model.foo"),
     (["--config=configs/digits.py", "--config.batch_size=abc"], "batch_size"),
     (["--config=configs/digits.py", "--no_workdir_given"], "no_workdir_given"),
 ])
@@ -120,3 +120,40 @@ def test_bad_usage_exits_2_with_one_error_line(tmp_path, args, named):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and named in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_unknown_config_key_is_named_in_full_with_a_suggestion_and_keys_can_be_listed(tmp_path):
+    result = run_cli("alexnet_jax.main", "--config=configs/digits.py", f"--workdir={tmp_path / 'run'}",
+                     "--config.model.widht=0.25")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "error: no config key model.widht (did you mean model.width?)", result.stderr
+    assert "--show_config" in lines[1] and not (tmp_path / "run").exists()
+    shown = run_cli("alexnet_jax.main", "--config=configs/digits.py", "--show_config", "--config.model.width=0.5")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "width: 0.5" in shown.stdout and "spike_window" in shown.stdout and "train_path" in shown.stdout
+
+
+def test_class_count_comes_from_the_training_folder(tmp_path):
+    """configs/imagenet.py says 1000 classes; a 3-class folder trains a 3-way head, says so in one line, and the
+    checkpoint predicts only classes that exist."""
+    from test_imagenet_data import write_identity_folder
+
+    write_identity_folder(str(tmp_path / "train"), num_classes=3, per_class=4)
+    write_identity_folder(str(tmp_path / "val"), num_classes=3, per_class=2)
+    workdir = tmp_path / "run"
+    result = run_cli("alexnet_jax.main", "--config=configs/imagenet.py", f"--workdir={workdir}",
+                     f"--config.data.train_path={tmp_path / 'train'}", f"--config.data.eval_path={tmp_path / 'val'}",
+                     "--config.model.width=0.0625", "--config.data.image_size=64", "--config.data.resize_size=64",
+                     "--config.data.workers=0", "--config.batch_size=6", "--config.num_train_steps=2",
+                     "--config.log_every_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model.num_classes=1000 but" in result.stderr and "training a 3-way classifier" in result.stderr
+    first_loss = json.loads(open(workdir / "metrics.jsonl").readline())["train_loss"]
+    assert abs(first_loss - np.log(3)) < 0.5  # chance level of 3 classes, not of 1000 (6.9)
+    image = tmp_path / "val" / sorted(os.listdir(tmp_path / "val"))[0]
+    image = next(image.iterdir())
+    predicted = run_cli("alexnet_jax.predict", f"--workdir={workdir}", "--json", str(image))
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    [prediction] = json.loads(predicted.stdout.strip().splitlines()[-1])["predictions"]
+    assert len(prediction["top"]) == 3  # top-5 of a 3-way head: the three classes there are
