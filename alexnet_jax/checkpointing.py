@@ -16,6 +16,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -39,7 +40,10 @@ def create_manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) 
             checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=False, n=1,
                                       keep_checkpoints_without_metrics=False),
         ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy)
+        # best_fn makes Orbax write each checkpoint's metrics to disk, so the best one is still known (and kept)
+        # after a restart; without it they live in memory only.
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC],
+                                               best_mode="max")
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
@@ -90,6 +94,14 @@ def check_compatible(meta: dict, config: ml_collections.ConfigDict, directory: s
                 "use the same setting or another --workdir")
 
 
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any: one decision for all hosts before any of them acts on
+    it (a damaged checkpoint seen by one, a stop request that reached one)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
 def restore_newest_good(manager: ocp.CheckpointManager, target_state, config: ml_collections.ConfigDict):
     """(state, step) from the newest checkpoint that restores, or (None, None) if there is none.
 
@@ -98,6 +110,8 @@ def restore_newest_good(manager: ocp.CheckpointManager, target_state, config: ml
     is then moved aside as <step>.corrupt-<time>, with a warning saying why, and the one before it is used.
     Nothing is deleted, and the bad step can no longer block a later save of the same step number. A readable
     checkpoint from another model or optimizer is not damage: IncompatibleCheckpoint stops the run instead.
+    Each process reads only its own shards, so damage may show on one process alone: all of them agree that a
+    step is unusable before any moves on, and so restore the same step.
     """
     for step in sorted(manager.all_steps(), reverse=True):
         directory = os.path.join(str(manager.directory), str(step))
@@ -108,16 +122,20 @@ def restore_newest_good(manager: ocp.CheckpointManager, target_state, config: ml
         if meta is not None:
             check_compatible(meta, config, str(manager.directory))
         try:
-            return restore_train_state(manager, step, target_state), step
+            state, why = restore_train_state(manager, step, target_state), None
         except Exception as error:  # Orbax/TensorStore raise many types for damaged files; all mean "unusable"
-            aside = f"{directory}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
-            logging.warning("Checkpoint %s cannot be restored (%s: %s); moved it to %s and trying the one before",
-                            directory, type(error).__name__, str(error).splitlines()[0][:300], aside)
-            if jax.process_index() == 0:
-                os.rename(directory, aside)
-            # Every process must agree on what is left before any of them restores the next candidate.
-            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
-            manager.reload()
+            state, why = None, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        if not any_process(why is not None):
+            return state, step
+        aside = f"{directory}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        logging.warning("Checkpoint %s cannot be restored (%s); moved it to %s and trying the one before",
+                        directory, why or "another process could not read its part", aside)
+        multihost_utils.sync_global_devices(f"checkpoint {step} judged")  # same `aside` name on every process
+        if jax.process_index() == 0:
+            os.rename(directory, aside)
+        # Every process must agree on what is left before any of them restores the next candidate.
+        multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        manager.reload()
     return None, None
 
 
@@ -192,28 +210,42 @@ def save_for_inference(workdir: str, model_vars: dict, config: ml_collections.Co
 
 
 class PreemptionWatch:
-    """Asks the loop to checkpoint and stop: on SIGTERM (schedulers, `kill`) in a single-process run, and on
-    the preemption notice JAX's distributed runtime shares with every process in a multi-process run (TPU VM
-    maintenance events, SIGTERM to any one process). In a multi-process run all processes must save at the same
-    step, which only the runtime's sync point guarantees, so there the signal is left to it."""
+    """Asks the loop to checkpoint and stop, at the same step on every process.
+
+    - Ctrl-C (SIGINT): the first one asks for a checkpoint and a clean stop; a second aborts at once.
+    - SIGTERM (schedulers, `kill`): in a single-process run, the same as a first Ctrl-C. In a multi-process run
+      JAX's distributed runtime owns SIGTERM and shares a preemption notice (also TPU maintenance events) with
+      every process, with a sync point that makes them all stop at one step.
+    - A Ctrl-C that reached some processes only (multi-process): the processes compare notes at log steps.
+    """
 
     def __init__(self, manager: ocp.CheckpointManager):
         self._manager = manager
-        self._signal = None
-        self._previous = None
+        self.signal_name = None
+        self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_signal)}
         if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame):
-        self._signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            if self.signal_name == "SIGINT":
+                raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the save
+            # Plain write: logging from a signal handler can deadlock on the handler lock the loop holds.
+            os.write(2, b"\nInterrupted: checkpointing the current step, then stopping (Ctrl-C again aborts "
+                        b"without saving)\n")
+        self.signal_name = signal.Signals(signum).name
 
-    def reason(self, step: int) -> str | None:
-        if self._signal:
-            return self._signal
-        if jax.process_count() > 1 and self._manager.reached_preemption(step):
+    def reason(self, step: int, compare_notes: bool = True) -> str | None:
+        """Why to stop after `step`, or None. `compare_notes` (a collective) only at steps all processes share."""
+        if jax.process_count() == 1:
+            return self.signal_name
+        if self._manager.reached_preemption(step):
             return "preemption notice"
+        if compare_notes and any_process(self.signal_name is not None):
+            return self.signal_name or "a signal to another process"
         return None
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}

@@ -71,9 +71,14 @@ def base_config() -> ml_collections.ConfigDict:
     # always skipped on the device; these set what the host does about it and about loss spikes.
     c.stability = ml_collections.ConfigDict()
     c.stability.layer_stats_every = 100  # per-layer grad_norm/<layer> in the train row about this often (steps)
-    c.stability.spike_factor = 2.0  # roll back when a row's loss > this x the running median (0: never) ...
-    c.stability.spike_min_delta = 0.5  # ... and exceeds the median by this much (nats), so noise never fires
-    c.stability.spike_window = 20  # running median over this many log rows
+    # A loss spike: the median loss of the last spike_recent_steps steps exceeds the median of the spike_window
+    # steps before them by all of: spike_factor x that median (0: never), spike_min_delta nats, and spike_sigmas
+    # robust standard deviations. Judged per step, so the log cadence does not matter; one hard batch never fires.
+    c.stability.spike_factor = 2.0
+    c.stability.spike_min_delta = 0.5
+    c.stability.spike_sigmas = 6.0
+    c.stability.spike_window = 200
+    c.stability.spike_recent_steps = 10
     c.stability.max_consecutive_skips = 10  # ... or when this many steps in a row were skipped (0: never)
     c.stability.skip_batches = 200  # after a rollback, data resumes this many batches past the spike (PaLM 200-500)
     c.stability.lr_factor = 1.0  # learning rate multiplied by this at each rollback (1: unchanged)

@@ -3,11 +3,13 @@
 Only process 0 writes; the others get a writer that drops everything, so callers never branch on the process.
 """
 
+import contextlib
 import json
 import logging as std_logging
 import math
 import os
 import time
+import types
 
 import numpy as np
 from absl import logging
@@ -84,18 +86,31 @@ def format_duration(seconds: float) -> str:
 
 
 class Throughput:
-    """Images per second and ETA between log steps (the first window includes compilation)."""
+    """Training images per second and ETA between log steps (the first window includes compilation). Time spent
+    in `paused()` blocks (evals, checkpoint saves) is left out, so neither the rate nor the ETA jumps after one."""
 
     def __init__(self, global_batch_size: int, start_step: int, total_steps: int):
         self._batch = global_batch_size
         self._total = total_steps
         self._last_step = start_step
         self._last_time = time.perf_counter()
+        self._paused = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Times the block (its `.seconds`) and keeps it out of the training rate."""
+        timer = types.SimpleNamespace(seconds=0.0)
+        start = time.perf_counter()
+        try:
+            yield timer
+        finally:
+            timer.seconds = time.perf_counter() - start
+            self._paused += timer.seconds
 
     def update(self, step: int) -> tuple[float, float]:
         now = time.perf_counter()
-        steps, seconds = step - self._last_step, max(now - self._last_time, 1e-9)
-        self._last_step, self._last_time = step, now
+        steps, seconds = step - self._last_step, max(now - self._last_time - self._paused, 1e-9)
+        self._last_step, self._last_time, self._paused = step, now, 0.0
         steps_per_s = steps / seconds
         eta = (self._total - step) / steps_per_s if steps_per_s else float("inf")
         return self._batch * steps_per_s, eta
@@ -114,9 +129,10 @@ _OPTIONAL_FIELDS = (("clip_fraction", "clipped", ".0%"), ("skipped_steps", "skip
                     ("rollbacks", "rollbacks", "d"))
 
 
-def log_eval(step: int, row: dict) -> None:
-    logging.info("eval at step %d  loss %.4f  top1 %.4f  top5 %.4f  (%d examples)", step, row["eval_loss"],
-                 row["eval_top1"], row["eval_top5"], row["eval_examples"])
+def log_eval(step: int, row: dict, seconds: float | None = None) -> None:
+    took = f" in {format_duration(seconds)}" if seconds is not None else ""
+    logging.info("eval at step %d  loss %.4f  top1 %.4f  top5 %.4f  (%d examples%s)", step, row["eval_loss"],
+                 row["eval_top1"], row["eval_top5"], row["eval_examples"], took)
 
 
 def quiet_library_logs() -> None:
@@ -126,7 +142,9 @@ def quiet_library_logs() -> None:
     noisy = ("/orbax/", "/jax/_src/")
 
     def keep(record) -> bool:
-        if "/orbax/" in record.pathname and "Given directory is read only" in record.getMessage():
+        # Orbax warns on every read-only open, and on every save without eval metrics (most of them).
+        if "/orbax/" in record.pathname and any(
+                quiet in record.getMessage() for quiet in ("Given directory is read only", "did not provide metrics")):
             return False
         return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
 

@@ -16,21 +16,20 @@ Where each piece runs:
     step costs a handful of scalar ops; the loop only fetches them every `stability.layer_stats_every` steps.
     The guard itself (a non-finite step changes nothing) is three lines of train.train_step.
 - On the host, once per log step (the only time the loop waits for the device):
-    `SpikeDetector` decides from the row's mean loss and the window's per-step skip flags; `Recovery` rolls back
-    to the newest checkpoint the detector had passed, skips batches, scales the learning rate, and raises
-    `TrainingStopped` (main exits with code 3) after `stability.max_rollbacks` rollbacks.
+    `SpikeDetector` judges each step's loss and skip flag (fetched with the row, so the verdict does not depend
+    on the log cadence); `Recovery` rolls back to the newest checkpoint the detector had passed (or, before any,
+    goes on past the spike), skips batches, scales the learning rate, and raises `TrainingStopped` (main exits
+    with code 3) after `stability.max_rollbacks` rollbacks.
 
 Exact resume: the data stream is a pure function of the batch index (data/pipeline.py), and the index of the
-batch step s consumes is s + batch_offset, with batch_offset saved in the checkpoint. Rerunning the command
-after a crash therefore replays the same trajectory, rollbacks included.
+batch step s consumes is s + batch_offset, with batch_offset saved in the checkpoint (a rollback rewrites the
+checkpoint it restores with its new controls). Rerunning the command after a crash therefore replays the same
+trajectory, rollbacks included.
 """
 
 import collections
 import dataclasses
-import json
 import math
-import os
-import statistics
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -135,95 +134,116 @@ def set_controls(state, **values):
 
 @dataclasses.dataclass
 class SpikeDetector:
-    """Fires when a log row's mean loss is above `factor` x the running median of the last `window` rows' losses
-    (and at least `min_delta` above it, so tiny late-training losses do not fire on noise), or when
-    `max_consecutive_skips` steps in a row were skipped by the guard. 0 disables either rule.
+    """Judges every step's loss, whatever the log cadence: the verdict on a step never depends on how often rows
+    are written, because it is made from per-step losses, not from row means.
 
-    Spiking rows are kept out of the median, so a run of bad rows cannot raise its own threshold, and a rollback
-    forgets the rows of the discarded stretch (`forget_after`).
+    A loss spike is the median of the last `recent` steps' losses rising above the baseline (the median of the
+    `window` steps before them) by all of: `factor` x the baseline, `min_delta` nats, and `sigmas` robust standard
+    deviations (1.4826 x the median absolute deviation of the baseline steps). The median of several steps
+    ignores a single hard batch, which is ordinary noise; an explosion lifts every step after it. The baseline
+    needs `min_history` steps first, and a spiking step never enters it, so a run of bad steps cannot raise its own
+    threshold. Separately, `max_consecutive_skips` steps in a row refused by the device guard (non-finite loss or
+    gradient) also fire. 0 disables either rule.
     """
 
     factor: float = 2.0
-    window: int = 20
+    window: int = 200
     min_delta: float = 0.5
+    recent: int = 10
+    sigmas: float = 6.0
     max_consecutive_skips: int = 10
-    min_history: int = 3  # rows needed before the loss rule can fire
+    min_history: int = 50
 
     def __post_init__(self):
-        self._losses = collections.deque(maxlen=self.window)
+        self._baseline = collections.deque(maxlen=self.window)  # (step, loss) of steps already past `recent`
+        self._recent = collections.deque(maxlen=self.recent)
         self.skip_streak = 0
 
     @classmethod
     def from_config(cls, stability_config) -> "SpikeDetector":
-        return cls(factor=float(stability_config.spike_factor), window=int(stability_config.spike_window),
-                   min_delta=float(stability_config.spike_min_delta),
-                   max_consecutive_skips=int(stability_config.max_consecutive_skips))
+        s = stability_config
+        return cls(factor=float(s.spike_factor), window=int(s.spike_window), min_delta=float(s.spike_min_delta),
+                   recent=int(s.spike_recent_steps), sigmas=float(s.spike_sigmas),
+                   max_consecutive_skips=int(s.max_consecutive_skips), min_history=min(50, int(s.spike_window)))
 
-    def update(self, loss: float, skipped: Sequence[bool] = (), step: int = 0) -> str | None:
-        """Feed one log row: its mean loss, the per-step skip flags of its window and its step. Returns why it
-        fired, or None."""
-        longest = 0
-        for flag in skipped:  # the streak carries across rows: N skips may straddle a log step
-            self.skip_streak = self.skip_streak + 1 if flag else 0
-            longest = max(longest, self.skip_streak)
-        if self.max_consecutive_skips and longest >= self.max_consecutive_skips:
-            return f"{longest} consecutive steps had a non-finite loss, gradient or update"
-        if not math.isfinite(loss):
-            return None  # every step of the row was skipped: the streak rule is the one that judges that
-        if self.factor > 0 and len(self._losses) >= min(self.min_history, self.window):
-            median = statistics.median(value for _, value in self._losses)
-            if loss > self.factor * median and loss > median + self.min_delta:
-                return f"train loss {loss:.4g} is above {self.factor:g} x its running median {median:.4g}"
-        self._losses.append((step, loss))
+    def update(self, step: int, loss: float, skipped: bool = False) -> str | None:
+        """Feed one step: its loss and whether the guard refused it. Returns why it fired, or None."""
+        self.skip_streak = self.skip_streak + 1 if skipped else 0
+        if self.max_consecutive_skips and self.skip_streak >= self.max_consecutive_skips:
+            return f"{self.skip_streak} consecutive steps had a non-finite loss, gradient or update"
+        if skipped or not math.isfinite(loss):
+            return None  # judged by the streak rule alone
+        recent = [*(value for _, value in self._recent), loss]
+        if self.factor > 0 and len(self._baseline) >= self.min_history and len(recent) >= self.recent:
+            baseline = np.array([value for _, value in self._baseline])
+            median = float(np.median(baseline))
+            spread = 1.4826 * float(np.median(np.abs(baseline - median)))
+            level = float(np.median(recent[-self.recent:]))
+            threshold = max(self.factor * median, median + self.min_delta, median + self.sigmas * spread)
+            if level > threshold:
+                return (f"train loss {level:.4g} (median of the last {self.recent} steps) is above {threshold:.4g}, "
+                        f"from the median {median:.4g} of the {len(baseline)} steps before")
+        if len(self._recent) == self._recent.maxlen:
+            self._baseline.append(self._recent[0])
+        self._recent.append((step, loss))
         return None
 
     def forget_after(self, step: int) -> None:
-        """Drop the rows logged after `step` and the skip streak: training restarts from `step`."""
-        self._losses = collections.deque(((s, v) for s, v in self._losses if s <= step), maxlen=self.window)
+        """Drop the steps after `step`, the recent ones and the skip streak: training restarts from `step` (a
+        rollback), or goes on past a spike it could not roll back, whose steps must not judge what follows."""
+        self._baseline = collections.deque(((s, v) for s, v in self._baseline if s <= step), maxlen=self.window)
+        self._recent.clear()
         self.skip_streak = 0
 
 
 class Recovery:
-    """The host side of the guard: watches every train row; on a spike rolls back, or stops the run.
+    """The host side of the guard: judges every step behind each train row; on a spike rolls back, or stops.
 
-    A rollback restores the newest good checkpoint, or a fresh initialisation if there is none. A checkpoint is
-    good once the detector has passed a row of steps trained *from* it (a checkpoint written at a log step that
-    passed may already hold the update that blew up: its own row never saw its parameters), and so is the one
-    training last (re)started from. Newer checkpoints hold the spiking stretch and are deleted, so a rerun of the
-    command cannot resume from one either. The data stream then resumes `skip_batches` batches past the batch
-    at which the spike was detected, so no batch of the discarded stretch is fed again, and the learning rate is
-    multiplied by `lr_factor`.
+    A rollback restores the newest good checkpoint. A checkpoint is good once the detector has passed the steps
+    trained *from* it (a checkpoint written at a step that passed may already hold the update that blew up), and
+    so is the one training last (re)started from. Newer checkpoints hold the spiking stretch and are deleted, so
+    a rerun of the command cannot resume from one either. Where no checkpoint is good yet, going back to the
+    initialisation would throw away all the training so far and is no recovery: training goes on from where it
+    is instead. Either way the data stream resumes `skip_batches` batches past the batch at which the spike was
+    detected, so no batch of the discarded stretch is fed again, and the learning rate is multiplied by
+    `lr_factor`. The new controls live in the optimizer state; `resave(state)` writes them into the restored
+    checkpoint itself, so a run killed before its next save resumes with them.
 
-    restore(step) -> TrainState and fresh() -> TrainState build the state; they own everything about layout.
+    restore(step) -> TrainState and resave(state) own everything about layout and files. Every process computes
+    the same verdict from the same replicated metrics; `agree` makes that certain before anyone acts.
     """
 
-    def __init__(self, stability_config, *, manager, restore: Callable[[int], Any], fresh: Callable[[], Any],
-                 start_step: int, controls: dict, checkpoint_dir: str = ""):
+    def __init__(self, stability_config, *, manager, restore: Callable[[int], Any], resave: Callable[[Any], None],
+                 start_step: int, controls: dict, checkpoint_dir: str = "", agree: Callable[[bool], bool] = bool):
         self.config = stability_config
         self.detector = SpikeDetector.from_config(stability_config)
-        self.manager, self.restore, self.fresh = manager, restore, fresh
+        self.manager, self.restore, self.resave, self.agree = manager, restore, resave, agree
         self.checkpoint_dir = checkpoint_dir
-        self.last_good_step = start_step  # the last log step the detector passed
+        self.last_good_step = start_step  # the last step the detector passed
         self.anchor_step = start_step  # where training last (re)started from: a good checkpoint by construction
         self.rollbacks = int(controls["rollbacks"])
         self.lr_scale = float(controls["lr_scale"])
         self.batch_offset = int(controls["batch_offset"])
         self._reported_skip = False
 
-    def check(self, step: int, row: dict, window: Sequence[dict]) -> str | None:
-        """Feed the row written at `step` and the per-step metrics behind it; returns why to roll back."""
+    def check(self, step: int, window: Sequence[dict]) -> str | None:
+        """Feed the per-step metrics of the steps up to `step`; returns why to roll back, or None."""
+        first = step - len(window) + 1
         skipped = [bool(m["skipped"]) for m in window]
         if any(skipped) and not self._reported_skip:
             self._reported_skip = True
-            first = step - len(window) + 1 + skipped.index(True)
             # The loop never waits on the device between log steps, so this is said at the log step after.
             logging.warning("Step %d had a non-finite loss, gradient or update: it was skipped, params and "
                             "optimizer state left unchanged (counted in skipped_steps; reported at log step %d)",
-                            first, step)
-        reason = self.detector.update(row["train_loss"], skipped, step=step)
-        if reason is None:
-            self.last_good_step = step
-        return reason
+                            first + skipped.index(True), step)
+        reason = None
+        for i, metrics in enumerate(window):
+            reason = self.detector.update(first + i, float(metrics["train_loss"]), skipped[i])
+            if reason is not None:
+                break
+            self.last_good_step = first + i
+        fire = self.agree(reason is not None)
+        return (reason or "another process saw a loss spike") if fire else None
 
     def _last_good_checkpoint(self) -> int | None:
         """The newest good checkpoint; deletes newer ones (they hold the spiking trajectory)."""
@@ -232,12 +252,12 @@ class Recovery:
         good = max((s for s in steps if s < self.last_good_step or s == self.anchor_step), default=None)
         for s in steps:
             if good is None or s > good:
-                logging.warning("Deleting checkpoint %d: no row trained from it passed the spike detector", s)
+                logging.warning("Deleting checkpoint %d: no step trained from it passed the spike detector", s)
                 self.manager.delete(s)
         return good
 
     def rollback(self, state, step: int, reason: str):
-        """The state to continue from after a spike detected at log step `step`; raises TrainingStopped."""
+        """The state to continue from after a spike detected at step `step`; raises TrainingStopped."""
         good = self._last_good_checkpoint()
         limit = int(self.config.max_rollbacks)
         if self.rollbacks >= limit:
@@ -247,55 +267,26 @@ class Recovery:
                 f"training stopped by the stability guard at step {step}: {reason}, after {self.rollbacks} "
                 f"rollback(s) (stability.max_rollbacks={limit}); {where}. Lower optim.learning_rate, set "
                 "optim.clip_norm, or use BatchNorm (model.variant=bn)")
-        restored = self.fresh() if good is None else self.restore(good)
-        restored_step = 0 if good is None else good
+        restored_step = step if good is None else good
         self.rollbacks += 1
         self.lr_scale *= float(self.config.lr_factor)
-        # Batch index step + offset was next; continue skip_batches past it. Restored step restored_step uses it.
+        # Batch index step + offset was next; continue skip_batches past it. Step restored_step uses it.
         self.batch_offset += step - restored_step + int(self.config.skip_batches)
         self.detector.forget_after(restored_step)
         self.last_good_step = self.anchor_step = restored_step
-        logging.warning("Rollback %d of at most %d at step %d: %s. Restarted from %s; the data stream resumes "
-                        "%d batches past the spike; learning rate x%g", self.rollbacks, limit, step, reason,
-                        f"checkpoint {good}" if good is not None else "initialisation (no good checkpoint)",
-                        int(self.config.skip_batches), self.lr_scale)
-        # skipped_steps stays cumulative over the whole run: the steps refused before the rollback still happened.
-        restored = restored.replace(skipped_steps=state.skipped_steps)
+        where = (f"Restarted from checkpoint {good}" if good is not None else
+                 "No checkpoint has passed the detector yet, so training goes on from this step (restarting from "
+                 "initialisation would lose everything learned)")
+        logging.warning("Rollback %d of at most %d at step %d: %s. %s; the data stream skips %d batches; learning "
+                        "rate x%g", self.rollbacks, limit, step, reason, where, int(self.config.skip_batches),
+                        self.lr_scale)
         controls = {"lr_scale": self.lr_scale, "batch_offset": self.batch_offset, "rollbacks": self.rollbacks}
-        write_resume_controls(self.checkpoint_dir, restored_step, controls)
-        return set_controls(restored, **controls)
-
-
-RESUME_CONTROLS_FILE = "rollback.json"
-
-
-def write_resume_controls(checkpoint_dir: str, step: int, controls: dict) -> None:
-    """Records the controls a rollback chose for resuming from checkpoint `step`.
-
-    That checkpoint was written before the rollback, so its opt_state holds the old batch offset and LR factor;
-    without this file a run killed before its next save would replay the spike at the old rate. The next
-    checkpoint carries the controls itself, and this file then no longer matches the newest step.
-    """
-    if jax.process_index() != 0 or not checkpoint_dir:
-        return
-    path = os.path.join(checkpoint_dir, RESUME_CONTROLS_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"resume_step": int(step), **{k: controls[k] for k in ("lr_scale", "batch_offset", "rollbacks")}},
-                  f)
-    os.replace(path + ".tmp", path)  # atomic: a kill leaves the old file or the new one, never half of one
-
-
-def read_resume_controls(checkpoint_dir: str, step: int) -> dict | None:
-    """The controls recorded for resuming from checkpoint `step` (0: from initialisation), or None."""
-    try:
-        with open(os.path.join(checkpoint_dir, RESUME_CONTROLS_FILE)) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if saved.get("resume_step") != step:
-        return None
-    return {"lr_scale": float(saved["lr_scale"]), "batch_offset": int(saved["batch_offset"]),
-            "rollbacks": int(saved["rollbacks"])}
+        if good is None:
+            return set_controls(state, **controls)
+        # skipped_steps stays cumulative over the whole run: the steps refused before the rollback still happened.
+        restored = set_controls(self.restore(good).replace(skipped_steps=state.skipped_steps), **controls)
+        self.resave(restored)
+        return restored
 
 
 def validate_stability_config(stability_config) -> list[str]:
@@ -315,6 +306,8 @@ def validate_stability_config(stability_config) -> list[str]:
     check("layer_stats_every", lambda v: v > 0, "> 0", integer=True)
     check("spike_factor", lambda v: v == 0 or v > 1, "> 1 (0 disables the loss-spike rule)")
     check("spike_window", lambda v: v >= 1, ">= 1", integer=True)
+    check("spike_recent_steps", lambda v: v >= 1, ">= 1", integer=True)
+    check("spike_sigmas", lambda v: v >= 0, ">= 0")
     check("spike_min_delta", lambda v: v >= 0, ">= 0")
     check("max_consecutive_skips", lambda v: v >= 0, ">= 0 (0 disables the skip rule)", integer=True)
     check("skip_batches", lambda v: v >= 0, ">= 0", integer=True)

@@ -8,7 +8,6 @@ back to a good checkpoint (see stability.py).
 """
 
 import functools
-from collections.abc import Callable
 
 import flax.struct
 import jax
@@ -139,27 +138,16 @@ def abstract_train_state(config, mesh, tx) -> TrainState:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
-def train_state_initializer(config, tx, abstract_state: TrainState) -> Callable[[], TrainState]:
-    """() -> a fresh TrainState, initialised directly into the mesh layout (no device ever holds a full replica
-    it should not); compiled on the first call only, so a rollback to initialisation costs no recompile."""
-    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-    key = jax.random.key(config.seed)
-    compiled = []
-
-    def init():
-        if not compiled:
-            # Initialisation runs once, so XLA:CPU's optimisation passes only cost time there: ~20 s for the
-            # random initialisers alone, ~2 s without them. Accelerators compile it quickly as it is.
-            fast = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-            lowered = jax.jit(_init_fn(config.model, tx), out_shardings=shardings).lower(key)
-            compiled.append(lowered.compile(compiler_options=fast))
-        return compiled[0](key)
-
-    return init
-
-
 def create_train_state(config, tx, abstract_state: TrainState) -> TrainState:
-    return train_state_initializer(config, tx, abstract_state)()
+    """A fresh TrainState, initialised directly into the mesh layout (no device ever holds a full replica it
+    should not)."""
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    # Initialisation runs once, so XLA:CPU's optimisation passes only cost time there: ~20 s for the random
+    # initialisers alone, ~2 s without them. Accelerators compile it quickly as it is.
+    fast = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    key = jax.random.key(config.seed)
+    lowered = jax.jit(_init_fn(config.model, tx), out_shardings=shardings).lower(key)
+    return lowered.compile(compiler_options=fast)(key)
 
 
 def num_train_steps(config, train_examples: int) -> int:
@@ -172,13 +160,22 @@ def eval_batch_size(config) -> int:
     return config.eval_batch_size if config.eval_batch_size > 0 else config.batch_size
 
 
-def evaluate(eval_fn, model_vars, eval_source, config, mesh) -> dict:
-    """Exact eval_loss / eval_top1 / eval_top5 over every example of the split, each counted once."""
-    totals = None
-    for local_batch in pipeline.eval_batches(
+def evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=None) -> dict:
+    """Exact eval_loss / eval_top1 / eval_top5 over every example of the split, each counted once.
+
+    `batches`: this process's local batches of one pass (e.g. a pipeline.EvalPasses pass, whose grain workers
+    live across evals); by default a pipeline of its own."""
+    if batches is None:
+        own = pipeline.eval_batches(
             eval_source, global_batch_size=eval_batch_size(config), image_size=config.data.image_size,
             resize_size=config.data.resize_size, eval_crops=config.data.eval_crops,
-            process_index=jax.process_index(), process_count=jax.process_count(), workers=config.data.workers):
+            process_index=jax.process_index(), process_count=jax.process_count(), workers=config.data.workers)
+        try:
+            return evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=own)
+        finally:
+            own.close()  # its grain workers and their shared memory
+    totals = None
+    for local_batch in batches:
         sums = eval_fn(model_vars, sharding.host_to_global(local_batch, mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -214,7 +211,11 @@ def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
 
 
 class Preempted(Exception):
-    """Training stopped early on request (SIGTERM, a preemption notice) after checkpointing the current step."""
+    """Training stopped early on request (Ctrl-C, SIGTERM, a preemption notice) after checkpointing the step."""
+
+    def __init__(self, message: str, signal_name: str | None = None):
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 def save_checkpoint(manager, state: TrainState, config, class_names, eval_metrics=None) -> bool:
@@ -227,17 +228,66 @@ def save_checkpoint(manager, state: TrainState, config, class_names, eval_metric
     return True
 
 
+SOURCES_WITH_CLASS_LISTS = ("imagefolder", "arrayrecord")  # the others make labels up for model.num_classes
+
+
+def adopt_class_count(config, train_source) -> None:
+    """The model gets one output per class of the training data: a 1000-way head on a 3-class folder would train
+    and predict classes that do not exist, and a head too small for the data cannot train at all."""
+    found = len(train_source.class_names)
+    if config.data.source in SOURCES_WITH_CLASS_LISTS and found != config.model.num_classes:
+        logging.warning("model.num_classes=%d but %s has %d classes: training a %d-way classifier",
+                        config.model.num_classes, config.data.train_path, found, found)
+        config.model.num_classes = found
+
+
+def _open_sources(config):
+    try:
+        from_data = config.data.source in SOURCES_WITH_CLASS_LISTS
+        train_source = sources.create_source(config.data, "train", None if from_data else config.model.num_classes,
+                                             config.seed)
+        adopt_class_count(config, train_source)
+        eval_source = sources.create_source(config.data, "eval", config.model.num_classes, config.seed)
+    except ValueError as error:  # data that contradicts the config (labels, class lists): a config error
+        raise config_lib.ConfigError(f"data: {error}") from None
+    return train_source, eval_source
+
+
+def _resave(manager, config, class_names):
+    """Rewrites the checkpoint of a restored state with the state's new rollback controls (see stability)."""
+
+    def resave(state):
+        step = int(jax.device_get(state.step))
+        manager.wait_until_finished()
+        metrics = manager.metrics(step)  # keep its eval_top1, so the best-checkpoint policy still sees it
+        manager.delete(step)
+        checkpointing.save(manager, state, config, class_names, metrics)
+        manager.wait_until_finished()
+
+    return resave
+
+
+def _best_eval(manager) -> tuple[float, int] | None:
+    scored = [(metrics[checkpointing.BEST_METRIC], step) for step in manager.all_steps()
+              if (metrics := manager.metrics(step))]
+    return max(scored) if scored else None
+
+
+def _log_done(manager, workdir: str, step: int) -> None:
+    best = _best_eval(manager)
+    logging.info("Done at step %d. Final checkpoint: %s/%d%s. Classify images with: python -m alexnet_jax.predict "
+                 "--workdir=%s IMAGE...", step, checkpointing.checkpoint_dir(workdir), step,
+                 f"; best eval top-1 {best[0]:.4f} at step {best[1]}" if best else "", workdir)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from the newest checkpoint in workdir), evaluates, checkpoints; returns the last eval.
 
-    Raises stability.TrainingStopped when the stability guard gives up (main exits with code 3).
+    Raises stability.TrainingStopped when the stability guard gives up (main exits with code 3), Preempted after
+    checkpointing on Ctrl-C, SIGTERM or a preemption notice.
     """
     mesh = sharding.create_mesh(config.mesh.model)
-    try:
-        train_source = sources.create_source(config.data, "train", config.model.num_classes, config.seed)
-        eval_source = sources.create_source(config.data, "eval", config.model.num_classes, config.seed)
-    except ValueError as error:  # data that contradicts the config (class count, labels): a config error
-        raise config_lib.ConfigError(f"data: {error}") from None
+    train_source, eval_source = _open_sources(config)
     steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
     total_steps = num_train_steps(config, len(train_source))
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
@@ -248,6 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     abstract_state = abstract_train_state(config, mesh, tx)
     state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     layer_names = sorted(abstract_state.params)
+    class_names = train_source.class_names
 
     manager = checkpointing.create_manager(workdir, config.max_checkpoints_to_keep)
     try:
@@ -260,29 +311,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         restored = checkpointing.restore_train_state(manager, step, abstract_state)
         return stability.set_controls(restored, clip_norm=float(config.optim.clip_norm))
 
-    fresh = train_state_initializer(config, tx, abstract_state)
     if latest is None:
-        state = fresh()
+        state = create_train_state(config, tx, abstract_state)
     else:
         state = stability.set_controls(state, clip_norm=float(config.optim.clip_norm))
         logging.info("Resumed from %s at step %d", checkpointing.checkpoint_dir(workdir), latest)
-    after_rollback = stability.read_resume_controls(checkpointing.checkpoint_dir(workdir), latest or 0)
-    if after_rollback:  # killed after a rollback and before the next save: keep what the rollback chose
-        state = stability.set_controls(state, **after_rollback)
-        logging.info("Continuing after rollback %d: batch offset %d, learning rate x%g",
-                     after_rollback["rollbacks"], after_rollback["batch_offset"], after_rollback["lr_scale"])
     start_step = int(jax.device_get(state.step))
+    controls = stability.read_controls(state)
+    if controls["rollbacks"]:
+        logging.info("Continuing after rollback %d: batch offset %d, learning rate x%g", controls["rollbacks"],
+                     controls["batch_offset"], controls["lr_scale"])
     recovery = stability.Recovery(
-        config.stability, manager=manager, restore=restore, fresh=fresh, start_step=start_step,
-        controls=stability.read_controls(state), checkpoint_dir=checkpointing.checkpoint_dir(workdir))
+        config.stability, manager=manager, restore=restore, resave=_resave(manager, config, class_names),
+        start_step=start_step, controls=controls, checkpoint_dir=checkpointing.checkpoint_dir(workdir),
+        agree=checkpointing.any_process)
 
     step_fn, eval_fn = compile_steps(config, mesh, tx, learning_rate_fn, state_shardings)
 
     writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    class_names = train_source.class_names
-    logging.info("Training %s (width %g) for %d steps (%d per epoch), global batch %d on %d devices, mesh %s",
-                 config.model.variant, config.model.width, total_steps, steps_per_epoch, config.batch_size,
-                 jax.device_count(), dict(mesh.shape))
+    logging.info("Training %s (width %g, %d classes) for %d steps (%d per epoch), global batch %d on %d devices, "
+                 "mesh %s", config.model.variant, config.model.width, config.model.num_classes, total_steps,
+                 steps_per_epoch, config.batch_size, jax.device_count(), dict(mesh.shape))
 
     def batches_from(step):  # step s trains on global batch s + batch_offset (moved on only by rollbacks)
         return pipeline.train_batches(
@@ -291,7 +340,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             resize_size=config.data.resize_size, augment=config.data.augment,
             process_index=jax.process_index(), process_count=jax.process_count())
 
-    step, last_log, last_eval, evaluated_at, pending = start_step, start_step, {}, -1, []
+    eval_passes = pipeline.EvalPasses(
+        eval_source, global_batch_size=eval_batch_size(config), image_size=config.data.image_size,
+        resize_size=config.data.resize_size, eval_crops=config.data.eval_crops, workers=config.data.workers,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    step, last_log, last_eval, pending = start_step, start_step, {}, []
     batches, throughput = batches_from(step), metrics.Throughput(config.batch_size, step, total_steps)
     preemption = checkpointing.PreemptionWatch(manager)
     try:
@@ -311,34 +364,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 row["rollbacks"] = recovery.rollbacks
                 writer.write(step, row)
                 metrics.log_train(step, total_steps, row, eta)
-                reason = recovery.check(step, row, window)
+                reason = recovery.check(step, window)
                 if reason is not None:
                     state = recovery.rollback(state, step, reason)  # raises TrainingStopped past the limit
                     restored_step = int(jax.device_get(state.step))
                     writer.write(step, {"rollbacks": recovery.rollbacks, "rollback_reason": reason,
                                         "rolled_back_to": restored_step})
                     step = last_log = restored_step  # rows of the replayed steps are written again
+                    batches.close()
                     batches = batches_from(step)
                     throughput = metrics.Throughput(config.batch_size, step, total_steps)
                     continue
-            if step % eval_every == 0 or last:
-                last_eval = evaluate(eval_fn, {"params": state.params, "batch_stats": state.batch_stats},
-                                     eval_source, config, mesh)
+            # A stop request is honoured before an eval, so a preemption notice never waits for one.
+            stop_reason = preemption.reason(step, log_now)
+            evaluated = not stop_reason and (step % eval_every == 0 or last)
+            if evaluated:
+                with throughput.paused() as pause:
+                    last_eval = evaluate(eval_fn, {"params": state.params, "batch_stats": state.batch_stats},
+                                         eval_source, config, mesh, batches=eval_passes())
                 writer.write(step, last_eval)
-                metrics.log_eval(step, last_eval)
-                evaluated_at = step
-            stop_reason = preemption.reason(step)
-            if step % config.checkpoint_every_steps == 0 or last or stop_reason:
-                save_checkpoint(manager, state, config, class_names, last_eval if evaluated_at == step else None)
+                metrics.log_eval(step, last_eval, pause.seconds)
+            # Every eval is followed by a checkpoint, so the best-eval_top1 one is kept whatever the cadences.
+            if step % config.checkpoint_every_steps == 0 or last or stop_reason or evaluated:
+                with throughput.paused():
+                    save_checkpoint(manager, state, config, class_names, last_eval if evaluated else None)
             if stop_reason:
                 manager.wait_until_finished()
                 raise Preempted(f"stopped at step {step} on {stop_reason}: checkpoint saved in "
-                                f"{checkpointing.checkpoint_dir(workdir)}; rerun the same command to resume")
+                                f"{checkpointing.checkpoint_dir(workdir)}; rerun the same command to resume",
+                                preemption.signal_name)
         if start_step >= total_steps:
             logging.info("Nothing to do: the checkpoint in %s is already at step %d of %d", workdir, start_step,
                          total_steps)
+        manager.wait_until_finished()
+        _log_done(manager, workdir, step)
     finally:
         preemption.close()
+        batches.close()
+        eval_passes.close()
         manager.wait_until_finished()
         manager.close()
         writer.close()

@@ -129,3 +129,45 @@ def test_rerun_with_another_model_is_refused_not_treated_as_damage(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model.width=0.125" in errors[0] and "0.0625" in errors[0]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # nothing moved aside or overwritten
+
+
+def test_ctrl_c_checkpoints_the_current_step_and_stops_cleanly(tmp_path):
+    """Ctrl-C reaches the whole process group (the trainer and its grain workers): one checkpoint of the step
+    reached, exit 130, no traceback from any process, no leaked shared memory; the same command resumes."""
+    workdir = tmp_path / "run"
+    extra = ["--config.num_train_steps=400", "--config.checkpoint_every_steps=1000", "--config.data.workers=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet_jax.main", f"--workdir={workdir}", *ARGS, *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    metrics_file = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not (
+            metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output and "leaked" not in output, output
+    [saved] = [int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()]
+    assert f"stopped at step {saved} on SIGINT" in output and 5 <= saved < 400
+    again = run_cli("alexnet_jax.main", f"--workdir={workdir}", *ARGS, "--config.num_train_steps=" + str(saved + 2))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"at step {saved}" in again.stderr and "leaked" not in again.stderr
+
+
+def test_best_eval_checkpoint_is_kept_when_eval_and_checkpoint_cadences_differ(tmp_path):
+    """Every eval is followed by a checkpoint, so the best eval_top1 is kept even when no checkpoint_every_steps
+    step is an eval step (configs/imagenet.py: evals every 5,004 steps, checkpoints every 2,000)."""
+    workdir = tmp_path / "run"
+    result = run_cli("alexnet_jax.main", f"--workdir={workdir}", *ARGS, "--config.num_train_steps=12",
+                     "--config.eval_every_steps=3", "--config.checkpoint_every_steps=5",
+                     "--config.max_checkpoints_to_keep=1", "--config.optim.learning_rate=0.5",
+                     "--config.optim.warmup_steps=0", "--config.optim.schedule=constant")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = {r["step"]: r["eval_top1"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if "eval_top1" in r}
+    assert sorted(evals) == [3, 6, 9, 12]
+    best = max(evals, key=lambda s: (evals[s], s))
+    assert best != 12, evals  # the case that matters: the best eval is neither the last nor a checkpoint step
+    kept = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+    assert best in kept and 12 in kept, (evals, kept)
+    assert f"best eval top-1 {evals[best]:.4f} at step {best}" in result.stderr

@@ -22,6 +22,7 @@ holds the running total.
 """
 
 import dataclasses
+import signal
 
 import grain
 import numpy as np
@@ -143,6 +144,14 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """Runs first in each grain worker: Ctrl-C reaches the whole process group, and the training process alone
+    decides what it means (checkpoint, then stop); a worker that died of it would print a traceback and leak
+    its shared memory."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _to_iterator(ds: grain.MapDataset, workers: int):
     if workers and not flags.FLAGS.is_parsed():
         # grain's worker start-up reads one of its absl flags; outside an absl app (pytest, notebooks) nobody
@@ -150,7 +159,7 @@ def _to_iterator(ds: grain.MapDataset, workers: int):
         flags.FLAGS.mark_as_parsed()
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=2))
     if workers:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_ignore_interrupts)
     return iter(it)
 
 
@@ -187,10 +196,7 @@ class BatchIterator:
         try:
             batch = next(self._iterator)
         except StopIteration:
-            if self._kind == "eval" and self._bad_this_epoch:
-                logging.warning("eval: %d unreadable image(s) left out of the metrics (this process)",
-                                self._bad_this_epoch)
-            self._bad_this_epoch = 0
+            self.end_pass()
             raise
         bad = batch.pop("bad_index", None)
         if bad is not None:
@@ -210,6 +216,20 @@ class BatchIterator:
                 self._bad_this_epoch = 0
             self._step += 1
         return batch
+
+    def end_pass(self) -> None:
+        """An eval pass is over: report its unreadable files."""
+        if self._kind == "eval" and self._bad_this_epoch:
+            logging.warning("eval: %d unreadable image(s) left out of the metrics (this process)",
+                            self._bad_this_epoch)
+        self._bad_this_epoch = 0
+
+    def close(self) -> None:
+        """Stops the grain worker processes and frees their shared memory (also when a rollback replaces the
+        iterator, and at exit, where a leak would be reported by multiprocessing's resource tracker)."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
 
     def get_state(self):
         return self._iterator.get_state()
@@ -255,6 +275,25 @@ def eval_dataset(source, *, global_batch_size: int, image_size: int, resize_size
 
 def eval_batches(source, *, workers: int = 0, **kwargs) -> BatchIterator:
     return BatchIterator(_to_iterator(eval_dataset(source, **kwargs), workers), source, kind="eval")
+
+
+class EvalPasses:
+    """Repeated passes over the eval split from one grain iterator, so worker processes start once per run
+    rather than once per eval. Each call yields exactly one pass of this process's batches."""
+
+    def __init__(self, source, *, workers: int = 0, **kwargs):
+        ds = eval_dataset(source, **kwargs)
+        self.batches_per_pass = len(ds)
+        # The stream runs on into the next pass; the workers prefetch its first batches while training goes on.
+        self._batches = BatchIterator(_to_iterator(ds.repeat(None), workers), source, kind="eval")
+
+    def __call__(self):
+        for _ in range(self.batches_per_pass):
+            yield next(self._batches)
+        self._batches.end_pass()
+
+    def close(self) -> None:
+        self._batches.close()
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:

@@ -76,13 +76,14 @@ class SyntheticSource:
         return {"image": image, "label": int(rng.integers(self._num_classes))}
 
 
-def create_source(data_config, split: str, num_classes: int, seed: int):
+def create_source(data_config, split: str, num_classes: int | None, seed: int):
     """The `split` ("train" or "eval") of the source named by `data.source`.
 
     Raises ValueError naming the key or file when the data cannot be used (missing path, labels that disagree
-    with the train split, more classes than the model has)."""
+    with the train split, more classes than the model has). num_classes=None accepts the data's own class list
+    (only for sources that have one: imagefolder, arrayrecord)."""
     source = _create_source(data_config, split, num_classes, seed)
-    if len(source.class_names) > num_classes:
+    if num_classes is not None and len(source.class_names) > num_classes:
         raise ValueError(f"data.{'train' if split == 'train' else 'eval'}_path has {len(source.class_names)} classes"
                          f" but model.num_classes is {num_classes}")
     return source
