@@ -153,7 +153,7 @@ def test_arrayrecord_source_in_the_pipeline_and_create_source(converted, tmp_pat
         arrayrecord.ArrayRecordSource(str(broken))
 
 
-def test_flat_val_folder_converts_with_the_train_classes(tmp_path):
+def test_flat_val_folder_converts_with_the_train_classes(tmp_path, capsys):
     val = tmp_path / "val"
     val.mkdir()
     wnids = ["n00000000", "n00000001", "n00000002"]
@@ -165,6 +165,9 @@ def test_flat_val_folder_converts_with_the_train_classes(tmp_path):
     train = tmp_path / "train"
     for w in wnids:
         (train / w).mkdir(parents=True)
+    # Without --classes_from, the made-up wnids are not ImageNet classes: the error says which flag fixes it.
+    without = convert.main(["--src", str(val), "--dst", str(tmp_path / "refused"), "--shards=1"])
+    assert without == 2 and "pass --classes_from=" in capsys.readouterr().err
     manifest = convert.convert(args_for(str(val), str(tmp_path / "out"), "--shards=1", "--workers=1",
                                         f"--classes_from={train}"))
     assert manifest["class_names"] == wnids and manifest["num_examples"] == 4

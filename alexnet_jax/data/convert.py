@@ -156,8 +156,15 @@ def convert(args) -> dict:
             class_names = arrayrecord.read_manifest(args.classes_from)["class_names"]
         else:
             class_names = imagefolder.training_class_names(args.classes_from)
-    source = imagefolder.create(args.src, class_names=class_names, ground_truth=args.val_labels,
-                                labels_file=args.labels_file)
+    try:
+        source = imagefolder.create(args.src, class_names=class_names, ground_truth=args.val_labels,
+                                    labels_file=args.labels_file)
+    except ValueError as error:
+        if class_names is None and imagefolder.is_flat_image_folder(args.src):
+            # Without --classes_from a flat val folder is labelled by the 1000 ImageNet classes.
+            raise ValueError(f"{error}; pass --classes_from=<the train folder, or its converted directory> so this "
+                             "split is labelled with the training classes") from None
+        raise
     if args.shards > len(source):
         raise ValueError(f"--shards={args.shards} is more than the {len(source)} files in {args.src}")
     os.makedirs(args.dst, exist_ok=True)
