@@ -1,5 +1,6 @@
 """What every command line shares: flag errors become one `error:` line and exit code 2 (DESIGN's contract)."""
 
+import os
 import re
 import sys
 
@@ -45,6 +46,16 @@ def parse_flags(argv: list[str]) -> list[str]:
         else:
             print("Run with --help to see the flags.", file=sys.stderr)
         sys.exit(EXIT_BAD_USAGE)
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """JAX's persistent compilation cache in `directory` (the `compilation_cache_dir` config key): a rerun, a
+    resume or another process of the same program loads its executables instead of compiling them again. The
+    JAX_COMPILATION_CACHE_DIR environment variable, when set, wins; "" leaves the cache off."""
+    if directory and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
 
 
 def run(main) -> None:

@@ -12,7 +12,7 @@ import ml_collections
 from alexnet_jax import optim
 
 SOURCES = ("digits", "synthetic", "imagefolder", "arrayrecord")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -22,6 +22,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 90
     c.num_train_steps = -1  # > 0 overrides num_epochs
     c.log_every_steps = 100
+    # Persistent XLA compilation cache: a rerun (resume, eval, another process) skips recompiling. "" turns it
+    # off; the JAX_COMPILATION_CACHE_DIR environment variable, when set, wins.
+    c.compilation_cache_dir = "~/.cache/alexnet_jax/xla"
+    c.profile_steps = ""  # "A:B": a jax.profiler trace of steps A..B-1 in workdir/profile (TensorBoard)
     c.eval_every_steps = -1  # <= 0: once per epoch
     c.checkpoint_every_steps = 1000
     c.max_checkpoints_to_keep = 3
@@ -31,7 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.variant = "owt"
     c.model.num_classes = 1000
     c.model.width = 1.0
-    c.model.dtype = "float32"
+    # Compute dtype; params are always float32. "auto": bfloat16 on GPUs and TPUs (their matrix units' native
+    # type, float32's exponent range), float32 on CPUs. float16 is refused: it needs loss scaling, which we omit.
+    c.model.dtype = "auto"
+    c.model.space_to_depth = False  # conv1 as an equal 3x3 conv on 4x4 space-to-depth blocks (MLPerf's TPU stem)
     c.model.activation = "relu"
     c.model.dropout_rate = 0.5
 
@@ -40,7 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train_path = ""
     c.data.eval_path = ""
     c.data.image_size = 224
-    c.data.resize_size = 256  # eval: resize the short side to this, then centre-crop image_size
+    # The short side before cropping image_size (train "alexnet" crops and eval centre crops): 256/224 of the
+    # crop unless set, so overriding image_size alone keeps the paper's proportions (64 -> 73, 224 -> 256).
+    c.data.resize_size = c.data.get_ref("image_size") * 256 // 224
     c.data.random_flip = True  # on-device horizontal flip of train images
     c.data.workers = 0  # grain worker processes; 0 decodes in the training process
     c.data.synthetic_examples = 1024  # size of the `synthetic` source's train split (eval gets a quarter)
@@ -89,6 +98,19 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _profile_range(text: str) -> tuple[int, int] | None:
+    try:
+        start, stop = (int(part) for part in text.split(":"))
+    except ValueError:
+        return None
+    return (start, stop) if 0 <= start < stop else None
+
+
+def profile_range(config) -> tuple[int, int] | None:
+    """(first, stop) steps of `profile_steps`, or None when profiling is off."""
+    return _profile_range(config.profile_steps) if config.get("profile_steps") else None
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
@@ -105,7 +127,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         problems.append(f"model.variant must be one of {', '.join(models.VARIANTS)} (got {m.variant!r})")
     if m.activation not in models.ACTIVATIONS:
         problems.append(f"model.activation must be one of {', '.join(models.ACTIVATIONS)} (got {m.activation!r})")
-    if m.dtype not in DTYPES:
+    if m.dtype == "float16":
+        problems.append("model.dtype=float16 is refused: without loss scaling its gradients underflow; use bfloat16 "
+                        "(same speed on GPUs and TPUs, float32's range) or auto")
+    elif m.dtype not in DTYPES:
         problems.append(f"model.dtype must be one of {', '.join(DTYPES)} (got {m.dtype!r})")
     if m.num_classes < 2:
         problems.append(f"model.num_classes must be >= 2 (got {m.num_classes})")
@@ -128,6 +153,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         problems.append(f"data.image_size must be >= 64 (got {d.image_size})")
     if d.resize_size < d.image_size:
         problems.append(f"data.resize_size must be >= data.image_size (got {d.resize_size} < {d.image_size})")
+    elif 2 * d.image_size < d.resize_size:
+        problems.append(f"data.image_size={d.image_size} crops under half of data.resize_size={d.resize_size}: "
+                        "set data.resize_size too (it defaults to 256/224 of data.image_size)")
     if d.workers < 0:
         problems.append(f"data.workers must be >= 0 (got {d.workers})")
     if d.augment not in pipeline.AUGMENTATIONS:
@@ -154,6 +182,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                                             f" and {num_processes} processes")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         problems.append("num_epochs must be > 0 when num_train_steps <= 0")
+    if config.profile_steps and not _profile_range(config.profile_steps):
+        problems.append(f"profile_steps must be 'A:B' with 0 <= A < B (got {config.profile_steps!r})")
     for key in ("log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
         if config[key] <= 0:
             problems.append(f"{key} must be > 0 (got {config[key]})")

@@ -55,6 +55,7 @@ def main(argv):
         print("error: flag --workdir must be given (where checkpoints and metrics go)", file=sys.stderr)
         return EXIT_BAD_CONFIG
     metrics.quiet_library_logs()
+    cli.enable_compilation_cache(config.get("compilation_cache_dir", ""))
     init_distributed()
     try:
         config_lib.validate(config, jax.device_count(), jax.process_count())

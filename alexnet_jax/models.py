@@ -78,6 +78,43 @@ def local_response_norm(
     return (x32 / (k + alpha * window_sum) ** beta).astype(x.dtype)
 
 
+def space_to_depth_conv1(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+    """conv1 (11x11, stride 4, padding 2) computed as a 3x3 stride-1 convolution over 4x4 space-to-depth blocks.
+
+    MLPerf's ResNet stem trick, for AlexNet's even more lopsided first layer: 3 input channels and stride 4 leave a
+    TPU's matrix units mostly idle, while 48 channels at stride 1 fill them. The kernel is zero-padded to 12x12
+    and rearranged the same way as the input, so every output sums exactly the products the plain convolution
+    sums (in another order): out[y, x] = sum_{kh,kw} in[4y+kh, 4x+kw] k[kh, kw]. Parameters are unchanged, so
+    checkpoints do not care which form trained them.
+    """
+    n, height, width, channels = x.shape
+    out_h, out_w = (height + 4 - 11) // 4 + 1, (width + 4 - 11) // 4 + 1
+    # Pad 2 like the plain conv, then up to a multiple of 4; the extra rows only add outputs that are cut below.
+    x = jnp.pad(x, ((0, 0), (2, 2 + (-(height + 4)) % 4), (2, 2 + (-(width + 4)) % 4), (0, 0)))
+    blocks_h, blocks_w = x.shape[1] // 4, x.shape[2] // 4
+    x = x.reshape(n, blocks_h, 4, blocks_w, 4, channels).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(n, blocks_h, blocks_w, 16 * channels)
+    kernel = conv.kernel[...]
+    features = kernel.shape[-1]
+    kernel = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0))).reshape(3, 4, 3, 4, channels, features)
+    kernel = kernel.transpose(0, 2, 1, 3, 4, 5).reshape(3, 3, 16 * channels, features)
+    dtype = conv.dtype or x.dtype
+    y = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))[:, :out_h, :out_w]
+    return y + conv.bias[...].astype(dtype) if conv.bias is not None else y
+
+
+def compute_dtype(name: str):
+    """The compute dtype for `model.dtype`: "auto" is bfloat16 where matrix units want it (GPU, TPU) and float32 on
+    CPUs, which have no fast bfloat16 path."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    try:
+        return jnp.dtype(name)
+    except TypeError as error:
+        raise ValueError(f"model.dtype={name!r} is not a dtype name: {error}") from None
+
+
 def _averaging_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size) matrix whose row i averages torchvision's bin [floor(i*H/O), ceil((i+1)*H/O))."""
     matrix = np.zeros((out_size, in_size), dtype=np.float32)
@@ -138,6 +175,7 @@ class AlexNet(nnx.Module):
         dtype=jnp.float32,
         activation: str = "relu",
         dropout_rate: float = 0.5,
+        space_to_depth: bool = False,
         rngs: nnx.Rngs,
     ):
         if variant not in VARIANTS:
@@ -151,6 +189,7 @@ class AlexNet(nnx.Module):
         self.activation = activation
         self.act = ACTIVATIONS[activation]
         self.dtype = dtype
+        self.space_to_depth = space_to_depth
 
         c1, c2, c3, c4, c5 = (scaled_channels(c, width) for c in _CONV_CHANNELS[variant])
         hidden = scaled_channels(_HIDDEN_FEATURES, width)
@@ -238,7 +277,7 @@ class AlexNet(nnx.Module):
         act = self.act
         x = x.astype(self.dtype)
 
-        x = self.conv1(x)
+        x = space_to_depth_conv1(self.conv1, x) if self.space_to_depth else self.conv1(x)
         x = self.bn1(x) if bn else x
         x = act(x)
         x = local_response_norm(x) if lrn else x
@@ -285,17 +324,15 @@ class AlexNet(nnx.Module):
 
 def create_model(model_config, *, rngs: nnx.Rngs) -> AlexNet:
     """Build AlexNet from a ``config.model`` ConfigDict (``variant, num_classes, width, dtype`` required;
-    ``activation`` and ``dropout_rate`` optional). ``dtype`` is a name such as "float32" or "bfloat16"."""
-    try:
-        dtype = jnp.dtype(model_config.dtype)
-    except TypeError as error:
-        raise ValueError(f"model.dtype={model_config.dtype!r} is not a dtype name: {error}") from None
+    ``activation``, ``dropout_rate`` and ``space_to_depth`` optional). ``dtype`` is a name such as "float32",
+    "bfloat16" or "auto" (see compute_dtype)."""
     return AlexNet(
         model_config.variant,
         int(model_config.num_classes),
         width=float(model_config.width),
-        dtype=dtype,
+        dtype=compute_dtype(model_config.dtype),
         activation=model_config.get("activation", "relu"),
         dropout_rate=float(model_config.get("dropout_rate", 0.5)),
+        space_to_depth=bool(model_config.get("space_to_depth", False)),
         rngs=rngs,
     )

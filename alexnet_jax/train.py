@@ -8,6 +8,7 @@ back to a good checkpoint (see stability.py).
 """
 
 import functools
+import os
 
 import flax.struct
 import jax
@@ -99,7 +100,7 @@ def eval_step(model_vars: dict, batch: dict, *, graphdef, **view_options):
 
 def eval_view_options(config) -> dict:
     """The static arguments of eval_step / eval_log_probs that a config decides."""
-    return {"dtype": jnp.dtype(config.model.dtype), "eval_crops": int(config.data.eval_crops),
+    return {"dtype": models.compute_dtype(config.model.dtype), "eval_crops": int(config.data.eval_crops),
             "image_size": int(config.data.image_size)}
 
 
@@ -195,7 +196,7 @@ def create_optimizer(optim_config, learning_rate_fn) -> optax.GradientTransforma
 def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
     """The jitted (train_step, eval_step) with explicit shardings; the train state is donated."""
     train_def, eval_def = model_graphdefs(config.model)
-    dtype = jnp.dtype(config.model.dtype)
+    dtype = models.compute_dtype(config.model.dtype)
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=train_def, tx=tx, learning_rate_fn=learning_rate_fn,
                           dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1), dtype=dtype,
@@ -344,13 +345,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         eval_source, global_batch_size=eval_batch_size(config), image_size=config.data.image_size,
         resize_size=config.data.resize_size, eval_crops=config.data.eval_crops, workers=config.data.workers,
         process_index=jax.process_index(), process_count=jax.process_count())
+    profile = config_lib.profile_range(config)
     step, last_log, last_eval, pending = start_step, start_step, {}, []
     batches, throughput = batches_from(step), metrics.Throughput(config.batch_size, step, total_steps)
     preemption = checkpointing.PreemptionWatch(manager)
     try:
         while step < total_steps:
+            if profile and step == profile[0]:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
             state, step_metrics = step_fn(state, sharding.host_to_global(next(batches), mesh))
             step += 1
+            if profile and step == profile[1]:
+                jax.block_until_ready(state)  # the trace must hold the device work, not just its dispatch
+                jax.profiler.stop_trace()
+                logging.info("Profile of steps %d-%d in %s (tensorboard --logdir %s)", profile[0] + 1, step,
+                             os.path.join(workdir, "profile"), workdir)
             last = step == total_steps
             log_now = step % config.log_every_steps == 0 or last
             if not (log_now and step // layer_stats_every != last_log // layer_stats_every):

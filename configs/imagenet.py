@@ -14,8 +14,7 @@ def get_config():
     c = base_config()
     c.model.variant = "owt"
     c.data.source = "imagefolder"
-    c.data.image_size = 224
-    c.data.resize_size = 256
+    c.data.image_size = 224  # resize_size follows: 256
     c.data.workers = 8
     c.batch_size = 256
     c.num_epochs = 90

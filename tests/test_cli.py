@@ -157,3 +157,33 @@ def test_class_count_comes_from_the_training_folder(tmp_path):
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     [prediction] = json.loads(predicted.stdout.strip().splitlines()[-1])["predictions"]
     assert len(prediction["top"]) == 3  # top-5 of a 3-way head: the three classes there are
+
+
+def test_resize_size_follows_image_size_unless_set():
+    import importlib.util
+
+    from alexnet_jax import config as config_lib
+
+    spec = importlib.util.spec_from_file_location("imagenet_config", "configs/imagenet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert config.data.resize_size == 256
+    config.data.image_size = 64  # what --config.data.image_size=64 does
+    assert config.data.resize_size == 73
+    config.data.resize_size = 256  # set explicitly: a 64-px crop of a 256-px resize is a quarter of the side
+    config.data.source = "synthetic"  # so the first problem reported is the crop, not the missing ImageNet
+    with pytest.raises(config_lib.ConfigError, match="data.image_size=64 crops under half of data.resize_size"):
+        config_lib.validate(config, 1)
+
+
+def test_profile_steps_writes_a_trace_into_the_workdir(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli("alexnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}", *TINY,
+                     "--config.profile_steps=1:3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    traces = list((workdir / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+    bad = run_cli("alexnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
+                  "--config.profile_steps=3:1")
+    assert bad.returncode == 2 and "error: config: profile_steps" in bad.stderr

@@ -320,3 +320,31 @@ def test_create_model_reads_the_config():
 def test_create_model_rejects_bad_values_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=key):
         nnx.eval_shape(lambda: create_model(model_config(**overrides), rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("size", [64, 67, 224])
+def test_space_to_depth_stem_equals_the_plain_conv1(size):
+    """The MLPerf-style stem is the same function as conv1: same parameters, same outputs to float rounding
+    (sizes whose padded side is not a multiple of 4 included)."""
+    from alexnet_jax.models import space_to_depth_conv1
+
+    model = AlexNet("owt", 10, width=0.25, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+    plain = model.conv1(x)
+    s2d = space_to_depth_conv1(model.conv1, x)
+    assert s2d.shape == plain.shape
+    np.testing.assert_allclose(np.asarray(s2d), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    whole = AlexNet("owt", 10, width=0.25, space_to_depth=True, rngs=nnx.Rngs(0))
+    whole.eval(), model.eval()
+    np.testing.assert_allclose(np.asarray(whole(x)), np.asarray(model(x)), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_dtype_is_float32_on_cpu_and_float16_is_refused():
+    from alexnet_jax import config as config_lib
+    from alexnet_jax.models import compute_dtype
+    from conftest import tiny_config
+
+    assert jax.default_backend() == "cpu" and compute_dtype("auto") == jnp.float32
+    assert compute_dtype("bfloat16") == jnp.bfloat16
+    with pytest.raises(config_lib.ConfigError, match="model.dtype=float16 is refused"):
+        config_lib.validate(tiny_config(**{"model.dtype": "float16"}), 1)
