@@ -21,6 +21,7 @@ from flax import nnx
 from alexnet_jax import checkpointing, metrics, models, optim, sharding, stability
 from alexnet_jax import config as config_lib
 from alexnet_jax.data import pipeline, sources, transforms
+from alexnet_jax.optim import create_optimizer  # clip threshold and learning-rate factor live in its state
 
 
 @flax.struct.dataclass
@@ -185,14 +186,6 @@ def evaluate(eval_fn, model_vars, eval_source, config, mesh) -> dict:
     count = float(totals["count"])
     return {"eval_loss": float(totals["loss"]) / count, "eval_top1": float(totals["top1"]) / count,
             "eval_top5": float(totals["top5"]) / count, "eval_examples": int(count)}
-
-
-def create_optimizer(optim_config, learning_rate_fn) -> optax.GradientTransformation:
-    """optim.py's chain with its clipping moved into `stability.controlled`, where the threshold and a
-    learning-rate factor are runtime scalars in opt_state (saved with it) instead of compiled-in constants."""
-    unclipped = dict(optim_config.items(), clip_norm=0.0)
-    return stability.controlled(optim.create_optimizer(unclipped, learning_rate_fn),
-                                clip_norm=float(optim_config.get("clip_norm", 0.0)))
 
 
 def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
