@@ -321,3 +321,32 @@ def test_settings_of_unused_schedules_do_not_block_a_run():
     config = make_optim_config(schedule="cosine", decay_factor=0.0, exponential_decay_rate=5.0,
                                polynomial_power=-1.0, optimizer="sgd", lars_trust_coefficient=5.0)
     assert optim.validate_optim_config(config) == []
+
+
+def test_imagenet_lars_config_is_you_et_al_alexnet_bn_at_8k():
+    import importlib.util
+    import os
+
+    from alexnet_jax import config as config_lib
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "imagenet_lars.py")
+    spec = importlib.util.spec_from_file_location("imagenet_lars", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert config.model.variant == "bn" and config.batch_size >= 8192
+    assert (config.optim.optimizer, config.optim.learning_rate, config.optim.lars_trust_coefficient) == (
+            "lars", 14.0, 0.001)
+    assert optim.validate_optim_config(config.optim) == []
+    config.data.source = "synthetic"  # no ImageNet here; everything else as written
+    config_lib.validate(config, num_devices=8)
+    steps_per_epoch = 1_281_167 // config.batch_size
+    total = config.num_epochs * steps_per_epoch
+    fn = optim.create_learning_rate_fn(config.optim, steps_per_epoch, total)
+    warmup = config.optim.warmup_steps
+    assert warmup == 5 * steps_per_epoch  # 5 warmup epochs, as the paper used for AlexNet-BN
+    assert lr_at(fn, warmup // 2) == pytest.approx(7.0, rel=1e-3)
+    assert lr_at(fn, warmup) == pytest.approx(14.0, rel=1e-6)
+    halfway = warmup + (total - warmup) // 2
+    assert lr_at(fn, halfway) == pytest.approx(14.0 * (1 - (halfway - warmup) / (total - warmup)) ** 2, rel=1e-4)
+    assert lr_at(fn, total) == pytest.approx(0.0, abs=1e-6)
