@@ -69,12 +69,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.decay_epochs = 30
     c.optim.decay_factor = 0.1
     c.optim.exponential_decay_rate = 0.94
-    c.optim.end_learning_rate_factor = 0.0
+    c.optim.end_learning_rate_factor = 0.0  # cosine and polynomial end at learning_rate x this
+    c.optim.polynomial_power = 2.0  # schedule "polynomial": learning_rate x (1 - t/T)^power after warmup
     c.optim.warmup_steps = 0
     c.optim.momentum = 0.9
     c.optim.nesterov = False
     c.optim.weight_decay = 5e-4
     c.optim.clip_norm = 0.0
+    c.optim.lars_trust_coefficient = 0.001  # optimizer "lars": a kernel's step is lr x this x its weight norm
+    c.optim.label_smoothing = 0.0  # train loss only: targets (1 - s) x one-hot + s / num_classes
+    # Each global batch runs as this many equal micro-batches inside the one train step, gradients averaged
+    # before the single optimizer update (1 = off): same result with less memory, except that BatchNorm
+    # normalises each micro-batch with its own statistics (and updates its running averages once per micro-batch).
+    c.optim.grad_accum_steps = 1
 
     # Gradient-explosion guard (alexnet_jax/stability.py). A step with a non-finite loss, gradient or update is
     # always skipped on the device; these set what the host does about it and about loss spikes.
@@ -109,6 +116,16 @@ def _profile_range(text: str) -> tuple[int, int] | None:
 def profile_range(config) -> tuple[int, int] | None:
     """(first, stop) steps of `profile_steps`, or None when profiling is off."""
     return _profile_range(config.profile_steps) if config.get("profile_steps") else None
+
+
+def _micro_batch_problem(optim_config, batch_size: int, data_devices: int) -> str | None:
+    """Why each device's rows of the batch cannot be split into optim.grad_accum_steps micro-batches, or None.
+    Splitting per device keeps every micro-batch spread over all devices, with no example moving between them."""
+    k, rows = optim.get(optim_config, "grad_accum_steps"), batch_size // data_devices
+    if isinstance(k, int) and k > 1 and rows % k:
+        return (f"optim.grad_accum_steps={k} must divide each data-parallel device's {rows} examples of "
+                f"batch_size={batch_size} ({data_devices} devices)")
+    return None
 
 
 class ConfigError(ValueError):
@@ -180,6 +197,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         elif value % data_devices or value % num_processes:
             problems.append(f"{key}={value} must be divisible by the {data_devices} data-parallel devices"
                                             f" and {num_processes} processes")
+        elif key == "batch_size" and (problem := _micro_batch_problem(config.optim, value, data_devices)):
+            problems.append(problem)
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         problems.append("num_epochs must be > 0 when num_train_steps <= 0")
     if config.profile_steps and not _profile_range(config.profile_steps):

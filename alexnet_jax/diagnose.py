@@ -70,7 +70,7 @@ def run_group(config, mesh, batches, learning_rates, clip_norms, diverge_factor:
     """Every (learning rate, clip) run of one (variant, activation): one compile, one initialisation."""
     steps = len(batches)
     lr_fn = optim.create_learning_rate_fn(config.optim, steps_per_epoch=steps, num_train_steps=steps)
-    tx = train.create_optimizer(config.optim, lr_fn)
+    tx = optim.create_optimizer(config.optim, lr_fn)
     abstract = train.abstract_train_state(config, mesh, tx)
     step_fn, _ = train.compile_steps(config, mesh, tx, lr_fn, jax.tree.map(lambda x: x.sharding, abstract))
     initial = train.create_train_state(config, tx, abstract)

@@ -3,10 +3,11 @@
 Where each piece runs:
 
 - On the device, inside the one jitted train step:
-    `controlled(tx, clip_norm)` wraps optim.py's chain. Its state, `Controls`, lives in `opt_state`, so Orbax saves
-    it with every checkpoint without any change to the checkpoint layout code. It holds four scalars that are
-    data, not Python constants, so changing them never recompiles anything:
-        clip_norm     global-norm clipping threshold (0 = off), applied where optim.py would clip
+    `controlled(tx, clip_norm)` wraps optim.py's chain and is the trainer's only gradient clipping. Its state,
+    `Controls`, lives in `opt_state`, so Orbax saves it with every checkpoint without any change to the
+    checkpoint layout code. It holds four scalars that are data, not Python constants, so changing them never
+    recompiles anything:
+        clip_norm     global-norm clipping threshold (0 = off), applied to the gradient before decay and momentum
         lr_scale      multiplies every update, i.e. the learning rate; a rollback may shrink it
         batch_offset  step s trains on global batch s + batch_offset; a rollback advances it past the spike
         rollbacks     how many rollbacks this trajectory has been through
@@ -69,8 +70,9 @@ def clip_by_global_norm(tree, clip_norm: jax.Array):
 def controlled(tx: optax.GradientTransformation, clip_norm: float) -> optax.GradientTransformation:
     """clip(clip_norm) -> tx -> scale(lr_scale), the threshold and the scale read from the state.
 
-    `tx` must not clip itself. Scaling the final update is exactly scaling the learning rate for SGD and LARS:
-    in both the learning rate is the last factor, applied after momentum and weight decay.
+    Scaling the final update is exactly scaling the learning rate for SGD, whose rate is the last factor
+    (after momentum and weight decay). LARS applies its rate before momentum, so there it is exact while the
+    factor stays constant; a rollback that changes it also rescales the momentum it restores.
     """
 
     def init(params):

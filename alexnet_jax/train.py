@@ -21,6 +21,7 @@ from flax import nnx
 from alexnet_jax import checkpointing, metrics, models, optim, sharding, stability
 from alexnet_jax import config as config_lib
 from alexnet_jax.data import pipeline, sources, transforms
+from alexnet_jax.optim import create_optimizer  # clip threshold and learning-rate factor live in its state
 
 
 @flax.struct.dataclass
@@ -32,24 +33,65 @@ class TrainState:
     skipped_steps: jax.Array  # steps whose loss or gradient was not finite and were not applied
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rate_fn, dropout_key, dtype,
-               flip: bool, lighting_std: float):
-    """One SGD step. Pure: (state, global batch) -> (new state, metrics); randomness is fold_in(key, step).
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy against integer labels, or against (1 - s) x one-hot + s / classes."""
+    if label_smoothing == 0:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
 
-    `tx` comes from `create_optimizer`: clip threshold and learning-rate factor are scalars in its state."""
+
+def micro_batches(x: jax.Array, k: int, batch_sharding) -> jax.Array:
+    """(B, ...) -> (k, B/k, ...): micro-batch j is rows j, j+k, j+2k, ... Each device's contiguous block of rows
+    splits into k equal parts of its own, so no example moves between devices and every micro-batch stays
+    sharded as the batch was (on whatever mesh axes `batch_sharding` splits it over)."""
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    spec = jax.sharding.PartitionSpec(None, *batch_sharding.spec)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(batch_sharding.mesh, spec))
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rate_fn, dropout_key, dtype,
+               flip: bool, lighting_std: float, label_smoothing: float = 0.0, grad_accum_steps: int = 1,
+               batch_sharding=None):
+    """One optimizer step. Pure: (state, global batch) -> (new state, metrics); randomness is fold_in(key, step).
+
+    `tx` comes from `optim.create_optimizer`: clip threshold and learning-rate factor are scalars in its state.
+    With grad_accum_steps = k > 1 the batch runs as k micro-batches in a scan (only one micro-batch's
+    activations are alive at a time) and their mean gradient makes the one update; `batch_sharding` is how the
+    batch is laid out, which each micro-batch keeps. Metrics are over the whole global batch either way."""
     flip_key, lighting_key, drop_key = jax.random.split(jax.random.fold_in(dropout_key, state.step), 3)
+    # Augment the whole batch before splitting it, so the images a step trains on do not depend on k.
     images = transforms.random_flip(batch["image"], flip_key) if flip else batch["image"]
     if lighting_std > 0:
         images = transforms.pca_lighting(images, lighting_key, lighting_std)
-    images = transforms.normalize(images, dtype)
+    images, labels = transforms.normalize(images, dtype), batch["label"]
 
-    def loss_fn(params):
-        model = nnx.merge(graphdef, params, state.batch_stats)
-        logits = model(images, rngs=nnx.Rngs(dropout=drop_key))
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        return loss, (logits, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+    def loss_fn(params, batch_stats, images, labels, key):
+        model = nnx.merge(graphdef, params, batch_stats)
+        logits = model(images, rngs=nnx.Rngs(dropout=key))
+        loss = cross_entropy(logits, labels, label_smoothing).mean()
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        return loss, (correct, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum_steps == 1:
+        (loss, (correct, batch_stats)), grads = grad_fn(state.params, state.batch_stats, images, labels, drop_key)
+    else:
+        def accumulate(carry, micro):
+            grad_sum, loss_sum, correct_sum, batch_stats = carry
+            (loss, (correct, batch_stats)), grads = grad_fn(state.params, batch_stats, *micro)
+            # BatchNorm's running averages thread through the micro-batches: one update each, as in PyTorch.
+            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss.astype(jnp.float32),
+                    correct_sum + correct, batch_stats), None
+
+        k = grad_accum_steps
+        micro = (micro_batches(images, k, batch_sharding), micro_batches(labels, k, batch_sharding),
+                 jax.random.split(drop_key, k))
+        zero = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+                state.batch_stats)
+        (grad_sum, loss_sum, correct, batch_stats), _ = jax.lax.scan(accumulate, zero, micro)
+        # Equal micro-batches: the mean of their mean losses and gradients is the whole batch's mean.
+        grads, loss = jax.tree.map(lambda g: g / k, grad_sum), loss_sum / k
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     stats = stability.step_stats(grads, updates, state.params, state.opt_state)  # grad norms are pre-clip
     # A non-finite loss, gradient or update would poison params and momentum for good; keep the old ones instead.
@@ -64,7 +106,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rate_fn
     )
     step_metrics = {
         "train_loss": loss,
-        "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "train_top1": correct / labels.shape[0],
         # The rate this update used: optax's own count, which (unlike state.step) skipped steps do not advance.
         "learning_rate": learning_rate_fn(optax.tree_utils.tree_get(state.opt_state, "count"))
         * state.opt_state.lr_scale,
@@ -185,14 +227,6 @@ def evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=None) -> di
             "eval_top5": float(totals["top5"]) / count, "eval_examples": int(count)}
 
 
-def create_optimizer(optim_config, learning_rate_fn) -> optax.GradientTransformation:
-    """optim.py's chain with its clipping moved into `stability.controlled`, where the threshold and a
-    learning-rate factor are runtime scalars in opt_state (saved with it) instead of compiled-in constants."""
-    unclipped = dict(optim_config.items(), clip_norm=0.0)
-    return stability.controlled(optim.create_optimizer(unclipped, learning_rate_fn),
-                                clip_norm=float(optim_config.get("clip_norm", 0.0)))
-
-
 def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
     """The jitted (train_step, eval_step) with explicit shardings; the train state is donated."""
     train_def, eval_def = model_graphdefs(config.model)
@@ -200,7 +234,10 @@ def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=train_def, tx=tx, learning_rate_fn=learning_rate_fn,
                           dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1), dtype=dtype,
-                          flip=config.data.random_flip, lighting_std=float(config.data.lighting_std)),
+                          flip=config.data.random_flip, lighting_std=float(config.data.lighting_std),
+                          label_smoothing=float(optim.get(config.optim, "label_smoothing")),
+                          grad_accum_steps=int(optim.get(config.optim, "grad_accum_steps")),
+                          batch_sharding=sharding.batch_sharding(mesh)),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)

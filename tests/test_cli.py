@@ -30,6 +30,43 @@ def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path, override
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["--config.optim.grad_accum_steps=0"], "optim.grad_accum_steps"),
+    # 64 examples over 2 devices: 32 each, which 3 micro-batches cannot split.
+    (["--config.optim.grad_accum_steps=3"], "optim.grad_accum_steps"),
+    (["--config.optim.label_smoothing=1.0"], "optim.label_smoothing"),
+    (["--config.optim.optimizer=lars", "--config.optim.lars_trust_coefficient=0"], "optim.lars_trust_coefficient"),
+    (["--config.optim.schedule=polynomial", "--config.optim.polynomial_power=-2"], "optim.polynomial_power"),
+])
+def test_bad_large_batch_settings_exit_2_naming_the_key(tmp_path, overrides, key):
+    workdir = tmp_path / "run"
+    result = run_cli("alexnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}", *overrides,
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and key in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not workdir.exists()
+
+
+def test_lars_recipe_trains_with_micro_batches_and_label_smoothing(tmp_path):
+    """configs/imagenet_lars.py shrunk to a tiny synthetic run on 2 devices, each step as 2 micro-batches."""
+    workdir = tmp_path / "run"
+    result = run_cli("alexnet_jax.main", "--config=configs/imagenet_lars.py", f"--workdir={workdir}", *TINY,
+                     "--config.data.source=synthetic", "--config.data.synthetic_examples=64",
+                     "--config.data.image_size=64", "--config.data.resize_size=64", "--config.data.workers=0",
+                     "--config.model.num_classes=10", "--config.optim.warmup_steps=2",
+                     "--config.optim.grad_accum_steps=2", "--config.optim.label_smoothing=0.1",
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    train_rows = [r for r in rows if "train_loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]  # one logged step per global batch
+    # Linear warmup over 2 steps to 14, then (1 - t/T)^2 decay: steps 1..3 use the rates at 0, 1 and 2.
+    assert [r["learning_rate"] for r in train_rows] == pytest.approx([0.0, 7.0, 14.0])
+    assert all(np.isfinite(r["train_loss"]) and r["skipped_steps"] == 0 for r in train_rows)
+    assert os.listdir(workdir / "checkpoints") == ["3"]
+
+
 def test_missing_data_path_is_named(tmp_path):
     result = run_cli("alexnet_jax.main", "--config=configs/imagenet.py", f"--workdir={tmp_path / 'run'}",
                      "--config.data.train_path=/nonexistent/train", f"--config.data.eval_path={tmp_path}")

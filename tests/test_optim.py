@@ -86,6 +86,23 @@ def test_cosine_without_warmup_decays_to_zero_by_default():
     assert lr_at(fn, 200) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_polynomial_decays_as_the_square_of_the_remaining_fraction_after_warmup():
+    # You et al.'s LARS schedule: warmup, then lr * (1 - t/T)^2 over the steps left after warmup.
+    config = make_optim_config(schedule="polynomial", learning_rate=14.0, warmup_steps=5, polynomial_power=2.0)
+    fn = optim.create_learning_rate_fn(config, steps_per_epoch=10, num_train_steps=105)
+    assert lr_at(fn, 0) == 0.0
+    assert lr_at(fn, 3) == pytest.approx(14.0 * 3 / 5, rel=1e-5)
+    assert lr_at(fn, 5) == pytest.approx(14.0, rel=1e-6)
+    assert lr_at(fn, 30) == pytest.approx(14.0 * 0.75**2, rel=1e-5)
+    assert lr_at(fn, 55) == pytest.approx(14.0 * 0.25, rel=1e-5)
+    assert lr_at(fn, 105) == pytest.approx(0.0, abs=1e-6)
+    ending = make_optim_config(schedule="polynomial", learning_rate=1.0, polynomial_power=1.0,
+                               end_learning_rate_factor=0.1)
+    fn = optim.create_learning_rate_fn(ending, steps_per_epoch=10, num_train_steps=100)
+    assert lr_at(fn, 50) == pytest.approx(0.55, rel=1e-5)
+    assert lr_at(fn, 100) == pytest.approx(0.1, rel=1e-5)
+
+
 def test_constant():
     fn = optim.create_learning_rate_fn(make_optim_config(schedule="constant"), steps_per_epoch=10, num_train_steps=9)
     assert {round(lr_at(fn, s), 9) for s in (0, 1, 300, 10**6)} == {0.01}
@@ -266,6 +283,13 @@ def test_base_config_defaults_are_valid():
         (dict(schedule="exponential", exponential_decay_rate=0.0), "exponential_decay_rate"),
         (dict(schedule="cosine", end_learning_rate_factor=-0.5), "end_learning_rate_factor"),
         (dict(optimizer="lars", lars_trust_coefficient=0.0), "lars_trust_coefficient"),
+        (dict(optimizer="lars", lars_trust_coefficient=1.0), "lars_trust_coefficient"),
+        (dict(schedule="polynomial", polynomial_power=0.0), "polynomial_power"),
+        (dict(schedule="polynomial", end_learning_rate_factor=2.0), "end_learning_rate_factor"),
+        (dict(label_smoothing=1.0), "label_smoothing"),
+        (dict(label_smoothing=-0.1), "label_smoothing"),
+        (dict(grad_accum_steps=0), "grad_accum_steps"),
+        (dict(grad_accum_steps=2.0), "grad_accum_steps"),
 ])
 def test_each_bad_value_is_reported_naming_its_key(overrides, key):
     config = make_optim_config()
@@ -284,7 +308,7 @@ def test_messages_read_as_the_brief_asks():
     assert optim.validate_optim_config(make_optim_config(learning_rate=-0.1)) == [
             "optim.learning_rate must be > 0 (got -0.1)"]
     assert optim.validate_optim_config(make_optim_config(schedule="foo")) == [
-            "optim.schedule must be one of step, exponential, cosine, constant (got 'foo')"]
+            "optim.schedule must be one of step, exponential, cosine, polynomial, constant (got 'foo')"]
 
 
 def test_missing_learning_rate_is_reported():
@@ -294,5 +318,35 @@ def test_missing_learning_rate_is_reported():
 
 
 def test_settings_of_unused_schedules_do_not_block_a_run():
-    config = make_optim_config(schedule="cosine", decay_factor=0.0, exponential_decay_rate=5.0)
+    config = make_optim_config(schedule="cosine", decay_factor=0.0, exponential_decay_rate=5.0,
+                               polynomial_power=-1.0, optimizer="sgd", lars_trust_coefficient=5.0)
     assert optim.validate_optim_config(config) == []
+
+
+def test_imagenet_lars_config_is_you_et_al_alexnet_bn_at_8k():
+    import importlib.util
+    import os
+
+    from alexnet_jax import config as config_lib
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "imagenet_lars.py")
+    spec = importlib.util.spec_from_file_location("imagenet_lars", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert config.model.variant == "bn" and config.batch_size >= 8192
+    assert (config.optim.optimizer, config.optim.learning_rate, config.optim.lars_trust_coefficient) == (
+            "lars", 14.0, 0.001)
+    assert optim.validate_optim_config(config.optim) == []
+    config.data.source = "synthetic"  # no ImageNet here; everything else as written
+    config_lib.validate(config, num_devices=8)
+    steps_per_epoch = 1_281_167 // config.batch_size
+    total = config.num_epochs * steps_per_epoch
+    fn = optim.create_learning_rate_fn(config.optim, steps_per_epoch, total)
+    warmup = config.optim.warmup_steps
+    assert warmup == 5 * steps_per_epoch  # 5 warmup epochs, as the paper used for AlexNet-BN
+    assert lr_at(fn, warmup // 2) == pytest.approx(7.0, rel=1e-3)
+    assert lr_at(fn, warmup) == pytest.approx(14.0, rel=1e-6)
+    halfway = warmup + (total - warmup) // 2
+    assert lr_at(fn, halfway) == pytest.approx(14.0 * (1 - (halfway - warmup) / (total - warmup)) ** 2, rel=1e-4)
+    assert lr_at(fn, total) == pytest.approx(0.0, abs=1e-6)

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from alexnet_jax import checkpointing, optim, sharding, train
@@ -116,3 +117,44 @@ def test_short_digits_run_learns(tmp_path):
     assert result["eval_examples"] == 359
     assert result["eval_top1"] > 0.6, result  # chance is 0.1; the full demo reaches >= 0.97
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+
+
+def _run_steps(config, steps=3, batch=None):
+    """(per-step (loss, top1, grad_norm), final state) of `steps` steps on one fixed batch."""
+    mesh, state, step_fn, _ = _setup(config)
+    batch = _fixed_batch(config, mesh) if batch is None else batch
+    history = []
+    for _ in range(steps):
+        state, m = step_fn(state, batch)
+        history.append([float(m["train_loss"]), float(m["train_top1"]), float(m["grad_norm"])])
+    return np.array(history), state
+
+
+def test_gradient_accumulation_matches_the_whole_batch_without_dropout_or_batchnorm():
+    no_noise = {"model.dropout_rate": 0.0, "optim.learning_rate": 0.05}
+    whole, whole_state = _run_steps(tiny_config(**no_noise))
+    for k in (2, 4):
+        accumulated, state = _run_steps(tiny_config(**no_noise, **{"optim.grad_accum_steps": k}))
+        np.testing.assert_allclose(accumulated, whole, rtol=2e-5, atol=1e-6, err_msg=f"k={k}")
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     jax.device_get(state.params), jax.device_get(whole_state.params))
+        # One optimizer step, one schedule step and one logged step per global batch, whatever k is.
+        assert int(state.step) == 3 and int(optax.tree_utils.tree_get(state.opt_state, "count")) == 3
+    assert whole[-1][0] < whole[0][0]  # the steps did train
+
+
+def test_gradient_accumulation_normalises_batchnorm_per_micro_batch():
+    # No dropout, flips or colour noise: they draw per batch, and this compares a split batch with its halves.
+    bn = {"model.dropout_rate": 0.0, "optim.learning_rate": 0.05, "data.random_flip": False,
+          "data.lighting_std": 0.0}
+    config = tiny_config(variant="bn", **bn, **{"optim.grad_accum_steps": 2})
+    mesh = sharding.create_mesh(1)
+    batch = _fixed_batch(config, mesh)
+    accumulated, _ = _run_steps(config, steps=1, batch=batch)
+    # The first step's loss is the mean of each micro-batch's loss under its own BatchNorm statistics: the
+    # same as a one-micro-batch step on rows 0, 2, 4, ... and on rows 1, 3, 5, ... from the same initialisation.
+    half = tiny_config(variant="bn", **bn, batch_size=8)
+    halves = [_run_steps(half, steps=1, batch=jax.tree.map(lambda x: x[j::2], batch))[0][0] for j in (0, 1)]
+    assert accumulated[0][0] == pytest.approx((halves[0][0] + halves[1][0]) / 2, rel=1e-5)
+    whole, _ = _run_steps(tiny_config(variant="bn", **bn), steps=1, batch=batch)
+    assert abs(whole[0][0] - accumulated[0][0]) > 1e-4  # whole-batch statistics give another loss
