@@ -7,6 +7,7 @@ SLURM variables it reads, on 127.0.0.1 only."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,7 +25,8 @@ LAUNCH = os.path.join(REPO, "launch")
 # Overrides of configs/digits.py (CONFIG for the TPU-pod and SLURM scripts, --config= for the local launcher).
 TINY = ["--config.data.source=synthetic", "--config.data.synthetic_examples=64",
         "--config.model.width=0.0625", "--config.batch_size=16", "--config.num_epochs=0",
-        "--config.log_every_steps=1", "--config.eval_every_steps=100000"]
+        "--config.log_every_steps=1", "--config.eval_every_steps=100000",
+        "--config.checkpoint_every_steps=100000"]
 # Environment variables the scripts read; cleared so that the caller's shell cannot change what a test sees.
 SCRIPT_VARS = ["TPU_NAME", "QUEUED_RESOURCE", "ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "SPOT", "CREATE_FLAGS",
                "PROJECT", "CONFIG", "REPO_URL", "REPO_REF", "REMOTE_DIR", "PYTHON", "LOG_LINES", "FOLLOW",
@@ -181,7 +183,7 @@ def _slurm_cluster_of_one():
             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "TPU_SKIP_MDS_QUERY": "1", "JAX_PLATFORMS": "cpu"}
 
 
-def test_tpu_pod_creates_trains_stops_with_a_checkpoint_and_deletes(tmp_path):
+def test_tpu_pod_creates_trains_stops_with_a_checkpoint_resumes_and_deletes(tmp_path):
     home, bin_dir, workdir = tmp_path / "home", tmp_path / "bin", str(tmp_path / "run")
     calls = tmp_path / "gcloud_calls"
     bin_dir.mkdir()
@@ -200,18 +202,25 @@ def test_tpu_pod_creates_trains_stops_with_a_checkpoint_and_deletes(tmp_path):
     assert "started, log" in started.stdout
     _wait_for_metrics(workdir)
     logs = _bash("tpu_pod.sh", "logs", env=env)
-    assert logs.returncode == 0 and "step 1/100000" in logs.stdout
+    assert logs.returncode == 0 and re.search(r"^\[.+\] .* step \d+/100000 ", logs.stdout, re.MULTILINE)
     stopped = _bash("tpu_pod.sh", "stop", env=env)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert "stopped: == trainer exited with status 143" in stopped.stdout
-    assert _checkpoint_steps(workdir), "stop did not leave a checkpoint"
-    deleted = _bash("tpu_pod.sh", "delete", env=env)
-    assert deleted.returncode == 0, deleted.stderr
+    (stopped_at,) = _checkpoint_steps(workdir)  # the stop's, the only one
+
+    # No action: keep the existing slice, set up, resume from the checkpoint, follow the run to its end, delete.
+    resumed = _bash("tpu_pod.sh", *TINY, f"--config.num_train_steps={stopped_at + 2}", env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "already exists (ACTIVE)" in resumed.stdout
+    assert "== trainer exited with status 0" in resumed.stdout
+    steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps[-3:] == [stopped_at + 1, stopped_at + 2, stopped_at + 2]  # two train rows, then the final eval
 
     calls = calls.read_text().splitlines()
     verbs = [" ".join(c.split()[2:4]) for c in calls]
     assert verbs[0] == "queued-resources describe"  # does it exist already? (no)
     assert verbs[1:3] == ["queued-resources create", "queued-resources describe"]
+    assert verbs.count("queued-resources create") == 1
     assert verbs[-1] == "queued-resources delete"
     assert all("--worker=all" in c for c in calls if "tpu-vm" in c)
     assert not (home / "queued_resource").exists()
