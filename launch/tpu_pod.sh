@@ -245,7 +245,8 @@ echo \$! > $PIDFILE; echo \"[\$(hostname)] started, log \$PWD/$LOG\""
 logs() {
   if [[ $FOLLOW == 1 ]]; then
     # tail exits once the run's wrapper has, i.e. when the trainer has exited on this host.
-    on_all_hosts "cd $dir && tail -n +1 -f --pid=\$(cat $PIDFILE 2>/dev/null || echo 0) $LOG $tag"
+    on_all_hosts "cd $dir && { if [ -f $PIDFILE ]; then tail -n +1 -f --pid=\$(cat $PIDFILE) $LOG; \
+else tail -n +1 $LOG; fi; } $tag"
   else
     on_all_hosts "tail -n $(q "$LOG_LINES") $dir/$LOG $tag"
   fi
