@@ -56,7 +56,11 @@ def main(argv):
         return EXIT_BAD_CONFIG
     metrics.quiet_library_logs()
     cli.enable_compilation_cache(config.get("compilation_cache_dir", ""))
-    init_distributed()
+    try:
+        init_distributed()
+    except (ValueError, RuntimeError) as error:  # e.g. --distributed where no cluster can be detected
+        print(f"error: cannot start the multi-process runtime: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     try:
         config_lib.validate(config, jax.device_count(), jax.process_count())
     except config_lib.ConfigError as error:

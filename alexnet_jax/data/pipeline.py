@@ -145,11 +145,13 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
-    """Runs first in each grain worker: Ctrl-C reaches the whole process group, and the training process alone
-    decides what it means (checkpoint, then stop); a worker that died of it would print a traceback and leak
-    its shared memory."""
+    """Runs first in each grain worker: Ctrl-C (and a scheduler's SIGTERM to the whole process group, e.g.
+    scancel) reaches the workers too, and the training process alone decides what it means (checkpoint, then
+    stop, then close the workers); a worker that died of it would fail the last batches before the checkpoint,
+    print a traceback and leak its shared memory."""
     del worker_index, worker_count
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _to_iterator(ds: grain.MapDataset, workers: int):
