@@ -124,6 +124,11 @@ def restore_newest_good(manager: ocp.CheckpointManager, target_state, config: ml
         try:
             state, why = restore_train_state(manager, step, target_state), None
         except Exception as error:  # Orbax/TensorStore raise many types for damaged files; all mean "unusable"
+            if "tree structures do not match" in str(error):  # intact, from another layout: not damage
+                raise IncompatibleCheckpoint(
+                    f"the checkpoint at step {step} in {manager.directory} holds a train state of another layout "
+                    f"(another optimizer or an older version of this trainer): use another --workdir. "
+                    f"{' '.join(str(error).split())[:300]}") from None
             state, why = None, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         if not any_process(why is not None):
             return state, step

@@ -171,3 +171,25 @@ def test_best_eval_checkpoint_is_kept_when_eval_and_checkpoint_cadences_differ(t
     kept = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
     assert best in kept and 12 in kept, (evals, kept)
     assert f"best eval top-1 {evals[best]:.4f} at step {best}" in result.stderr
+
+
+def test_checkpoint_of_another_train_state_layout_is_refused_not_moved_aside(tmp_path):
+    """An intact checkpoint whose optimizer state has another tree layout (an older version of the trainer, say)
+    is not damage: the run stops with a config error and the checkpoint stays where it is."""
+    import optax
+    import pytest
+
+    from alexnet_jax import checkpointing, config as config_lib, optim, sharding, stability, train
+    from conftest import tiny_config
+
+    config = tiny_config()
+    other_tx = stability.controlled(optax.sgd(0.01), clip_norm=0.0)  # one transform where the trainer chains two
+    state = train.create_train_state(config, other_tx,
+                                     train.abstract_train_state(config, sharding.create_mesh(), other_tx))
+    manager = checkpointing.create_manager(str(tmp_path))
+    checkpointing.save(manager, state, config, [str(i) for i in range(10)])
+    manager.wait_until_finished()
+    manager.close()
+    with pytest.raises(config_lib.ConfigError, match="holds a train state of another layout"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == ["0"]
