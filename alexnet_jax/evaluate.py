@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from alexnet_jax import checkpointing, cli, config as config_lib, metrics, sharding, train
+from alexnet_jax import checkpointing, cli, config as config_lib, metrics, models, sharding, train
 from alexnet_jax.data import sources
 
 FLAGS = flags.FLAGS
@@ -67,7 +67,7 @@ def eval_step_with_confusion(model_vars: dict, batch: dict, *, graphdef, num_cla
 
 def compile_eval(config, mesh, *, per_class: bool = False):
     """The jitted eval function over replicated params and a 'data'-sharded batch."""
-    _, eval_def = train.model_graphdefs(config.model)
+    _, eval_def = models.model_graphdefs(config.model)
     options = train.eval_view_options(config)
     replicated = sharding.replicated(mesh)
     if per_class:

@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from alexnet_jax import checkpointing, cli, metrics, train
+from alexnet_jax import checkpointing, cli, metrics, models, train
 from alexnet_jax.data import classes, pipeline
 
 FLAGS = flags.FLAGS
@@ -42,7 +42,7 @@ def load_image(path: str, image_size: int, resize_size: int, eval_crops: int = 1
 
 def probabilities_fn(config, eval_crops: int = 1):
     """jitted (model_vars, uint8 NHWC views) -> class probabilities, through the same code as evaluation."""
-    _, eval_def = train.model_graphdefs(config.model)
+    _, eval_def = models.model_graphdefs(config.model)
     options = dict(train.eval_view_options(config), eval_crops=eval_crops)
     return jax.jit(lambda model_vars, images: jax.numpy.exp(
         train.eval_log_probs(model_vars, images, graphdef=eval_def, **options)))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import checkpointing, export, predict, train
+from alexnet_jax import checkpointing, export, models, predict
 from conftest import run_cli, tiny_config
 
 
@@ -20,7 +20,7 @@ def bn_checkpoint(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("export") / "run"
     config = tiny_config(variant="bn")
     rng = np.random.default_rng(0)
-    abstract = train.abstract_model_vars(config.model)
+    abstract = models.abstract_model_vars(config.model)
 
     def fill(path, leaf):
         name = jax.tree_util.keystr(path)

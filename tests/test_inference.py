@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import checkpointing, evaluate, predict, train
+from alexnet_jax import checkpointing, evaluate, models, predict, train
 from alexnet_jax import config as config_lib
 from alexnet_jax.data import sources
 from conftest import REPO, run_cli
@@ -120,7 +120,7 @@ def test_newest_checkpoint_evaluates_in_process_like_the_training_run(four_devic
 def test_masked_predictions_mark_padding_rows(four_device_run):
     workdir, _ = four_device_run
     config, _, model_vars, _ = checkpointing.load_for_inference(str(workdir))
-    _, eval_def = train.model_graphdefs(config.model)
+    _, eval_def = models.model_graphdefs(config.model)
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8), "label": np.zeros(6, np.int32),
              "mask": np.array([True, True, False, True, False, False])}
