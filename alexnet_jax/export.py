@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from alexnet_jax import checkpointing, cli, metrics, predict
+from alexnet_jax import checkpointing, cli, inference, metrics
 from alexnet_jax.data import transforms
 
 FLAGS = flags.FLAGS
@@ -49,10 +49,10 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 def export_model(config, model_vars: dict, *, batch: int | None = None, platforms=("cpu",)) -> jax.export.Exported:
     """uint8 NHWC images -> probabilities, with `model_vars` baked in as constants.
 
-    It reuses predict's function, so the exported program is the same computation predict runs.
+    It reuses inference.probabilities_fn, so the exported program is the same computation predict runs.
     """
     size = int(config.data.image_size)
-    probabilities = predict.probabilities_fn(config)
+    probabilities = inference.probabilities_fn(config)
     # Host numpy values become constants of the program, independent of the devices the checkpoint loaded onto.
     constants = jax.device_get(model_vars)
     batch_dim = jax.export.symbolic_shape("b")[0] if batch is None else int(batch)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import checkpointing, export, models, predict
-from conftest import run_cli, tiny_config
+from alexnet_jax import checkpointing, export, inference
+from conftest import random_model_vars, run_cli, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -19,17 +19,7 @@ def bn_checkpoint(tmp_path_factory):
     """A BatchNorm model with random weights *and* non-trivial statistics, so both must survive the export."""
     workdir = tmp_path_factory.mktemp("export") / "run"
     config = tiny_config(variant="bn")
-    rng = np.random.default_rng(0)
-    abstract = models.abstract_model_vars(config.model)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "var" in name:
-            return rng.uniform(0.5, 2.0, leaf.shape).astype(leaf.dtype)
-        scale = 1.0 if "scale" in name else 0.1
-        return (rng.standard_normal(leaf.shape) * scale + (1.0 if "scale" in name else 0.0)).astype(leaf.dtype)
-
-    model_vars = jax.tree_util.tree_map_with_path(fill, abstract)
+    model_vars = random_model_vars(config.model)
     class_names = [f"class_{i}" for i in range(config.model.num_classes)]
     checkpointing.save_for_inference(str(workdir), model_vars, config, class_names, step=5)
     return workdir, config
@@ -44,7 +34,7 @@ def _images(tmp_path, count):
         path = tmp_path / f"image_{i}.jpg"
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=90)
         paths.append(str(path))
-        pixels.append(predict.load_image(str(path), 64, 64))
+        pixels.append(inference.load_image(str(path), 64, 64))
     return paths, np.stack(pixels)
 
 
@@ -100,7 +90,7 @@ def test_fixed_batch_export_equals_predicts_function(bn_checkpoint, tmp_path):
     restored = jax.export.deserialize(exported.serialize())
     _, pixels = _images(tmp_path, 2)
     np.testing.assert_allclose(np.asarray(restored.call(pixels)),
-                               np.asarray(predict.probabilities_fn(config)(model_vars, pixels)), atol=1e-6)
+                               np.asarray(inference.probabilities_fn(config)(model_vars, pixels)), atol=1e-6)
     with pytest.raises(Exception, match="shape"):
         restored.call(pixels[:1])  # a fixed batch is fixed
 

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from alexnet_jax import checkpointing, evaluate, import_torchvision, interop, models, predict
+from alexnet_jax import checkpointing, evaluate, import_torchvision, inference, interop, models
 from alexnet_jax.data import sources, transforms
 from conftest import run_cli, tiny_config
 
@@ -158,7 +158,7 @@ def test_import_command_writes_a_checkpoint_predict_accepts(tmp_path):
     config, class_names, _, step = checkpointing.load_for_inference(str(out))
     assert step == 0 and class_names[3] == "flower 3" and config.model.variant == "owt"
     assert config.model.width == 0.0625 and config.data.image_size == 224
-    crop = predict.load_image(str(photo), 224, 256)  # the same decode and crop predict used
+    crop = inference.load_image(str(photo), 224, 256)  # the same decode and crop predict used
     normalized = (crop.astype(np.float32) - np.array(transforms.MEAN_RGB, np.float32)) / np.array(
         transforms.STDDEV_RGB, np.float32)
     with torch.no_grad():
