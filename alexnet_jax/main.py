@@ -17,11 +17,7 @@ from alexnet_jax import cli, metrics, stability, train
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() with auto-detection (TPU pods, "
-                  "SLURM). Default: only when --coordinator_address is given.")
+cli.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_BAD_CONFIG = 2
@@ -29,21 +25,11 @@ EXIT_STABILITY_STOP = 3  # the gradient-explosion guard gave up (see stability.p
 EXIT_PREEMPTED = 128 + 15  # what a shell reports for SIGTERM: schedulers treat it as "terminated", so requeue
 
 
-def init_distributed() -> None:
-    if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
-        # CPU-only clusters (and our loopback tests) need a cross-process collectives backend; accelerators
-        # bring their own (NCCL, ICI), so this only affects the CPU platform.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    elif FLAGS.distributed:
-        jax.distributed.initialize()
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     metrics.quiet_library_logs()
-    init_distributed()
+    cli.init_distributed()
     config = FLAGS.config
     try:
         config_lib.validate(config, jax.device_count(), jax.process_count())
