@@ -3,7 +3,7 @@
     import alexnet_jax.inference
     model = alexnet_jax.inference.load("runs/digits")      # a workdir or gs:// URL; step=N for another checkpoint
     model.predict(["digit.jpg"], top_k=3)
-    # [[{"label": 7, "class": "7", "name": "7", "probability": 0.98}, ...]]   one list per image
+    # [[{"label": 7, "class": "7", "name": "7", "probability": ...}, ...]]   one list per image
 
 An image is a file (a path, local or gs://), encoded bytes, a PIL image or a uint8 array (H, W, 3 RGB or H, W
 grey); a uint8 (N, H, W, 3) array is N images. Each goes through evaluation's own view (upright RGB, short side to
@@ -110,12 +110,14 @@ class Classifier:
     def probabilities(self, images) -> np.ndarray:
         """(N, num_outputs) float32 softmax probabilities, one row per image (see `predict` for what an image
         is)."""
-        return self.probabilities_of_views(np.stack([self.preprocess(image) for image in _as_list(images)]))
+        views = [self.preprocess(image) for image in _as_list(images)]
+        return self.probabilities_of_views(np.stack(views) if views else np.zeros((0, 1, 1, 3), np.uint8))
 
     def probabilities_of_views(self, views: np.ndarray) -> np.ndarray:
         """The same for views `preprocess` already made (uint8 NHWC), `batch_size` images per forward pass."""
-        return np.concatenate([np.asarray(self._probabilities(self.model_vars, views[i:i + self.batch_size]))
-                               for i in range(0, len(views), self.batch_size)])
+        return np.concatenate([np.zeros((0, self.num_outputs), np.float32)] + [
+            np.asarray(self._probabilities(self.model_vars, views[i:i + self.batch_size]))
+            for i in range(0, len(views), self.batch_size)])
 
     def predict(self, images, top_k: int = 5) -> list[list[dict]]:
         """For each image, its top_k classes, most probable first, as {"label": output index, "class": the

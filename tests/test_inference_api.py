@@ -179,3 +179,8 @@ def test_bytes_from_memory_are_an_image_too(named_run):
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     np.testing.assert_array_equal(model.preprocess(buffer.getvalue()), model.preprocess(picture))
+
+
+def test_no_images_no_predictions(named_run):
+    model = inference.load(named_run)
+    assert model.predict([]) == [] and model.probabilities([]).shape == (0, 10)
