@@ -44,14 +44,23 @@ def folder_run(tmp_path_factory):
     return base / "run", base / "val", paths, np.array(labels)
 
 
-def test_imagenet_config_evaluates_an_image_folder_without_train_data(folder_run):
+def _imagenet_config_args(folder_run):
+    workdir, val, _, _ = folder_run
+    return ["--config=configs/imagenet.py", f"--workdir={workdir}", f"--config.data.eval_path={val}",
+            "--config.data.workers=0", "--config.batch_size=4", "--json"]
+
+
+@pytest.fixture(scope="module")
+def imagenet_config_eval(folder_run):
+    return run_cli("alexnet_jax.evaluate", *_imagenet_config_args(folder_run), "--per-class")
+
+
+def test_imagenet_config_evaluates_an_image_folder_without_train_data(folder_run, imagenet_config_eval):
     """configs/imagenet.py (224 px, no train_path) on a checkpoint trained at 64 px: it needs only the eval
     folder, labels it with the checkpoint's class names and evaluates at the checkpoint's 64 px. The numbers are
     those of the Python API on the same files."""
-    workdir, val, paths, labels = folder_run
-    result = run_cli("alexnet_jax.evaluate", "--config=configs/imagenet.py", f"--workdir={workdir}",
-                     f"--config.data.eval_path={val}", "--config.data.workers=0", "--config.batch_size=4",
-                     "--per-class", "--json")
+    workdir, _, paths, labels = folder_run
+    result = imagenet_config_eval
     assert result.returncode == 0, result.stderr[-3000:]
     out = _last_json(result.stdout)
     assert out["image_size"] == 64 and out["resize_size"] == 72 and "note" not in out
@@ -72,12 +81,10 @@ def test_imagenet_config_evaluates_an_image_folder_without_train_data(folder_run
     assert "at 64 px" in result.stdout
 
 
-def test_explicit_command_line_overrides_win_over_the_checkpoints_view(folder_run):
-    workdir, val, _, _ = folder_run
-    args = ["--config=configs/imagenet.py", f"--workdir={workdir}", f"--config.data.eval_path={val}",
-            "--config.data.workers=0", "--config.batch_size=4", "--json"]
-    at_64 = _last_json(run_cli("alexnet_jax.evaluate", *args).stdout)
-    result = run_cli("alexnet_jax.evaluate", *args, "--config.data.image_size=96", "--config.data.resize_size=110")
+def test_explicit_command_line_overrides_win_over_the_checkpoints_view(folder_run, imagenet_config_eval):
+    at_64 = _last_json(imagenet_config_eval.stdout)
+    result = run_cli("alexnet_jax.evaluate", *_imagenet_config_args(folder_run), "--config.data.image_size=96",
+                     "--config.data.resize_size=110")
     assert result.returncode == 0, result.stderr[-3000:]
     out = _last_json(result.stdout)
     assert out["image_size"] == 96 and out["resize_size"] == 110
