@@ -1,4 +1,5 @@
-"""What every command line shares: flag errors become one `error:` line and exit code 2 (DESIGN's contract)."""
+"""What every command line shares: flag errors become one `error:` line and exit code 2, as the README promises;
+the multi-process flags of the commands that may run on several hosts."""
 
 import sys
 

@@ -1,8 +1,8 @@
 """Default hyper-parameters shared by every config file, and the check run before anything compiles.
 
-Config files in configs/ start from `base_config()` and override what their recipe needs. The key names
-marked as contract in DESIGN.md (seed, batch_size, model.*, data.*, optim.*, mesh.model, ...) are relied on by
-users' scripts: add keys, never rename them.
+Config files in configs/ start from `base_config()` and override what their recipe needs. The key names (seed,
+batch_size, model.*, data.*, optim.*, mesh.model, ...) are relied on by users' scripts: add keys, never rename
+them.
 """
 
 import os
