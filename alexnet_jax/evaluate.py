@@ -213,13 +213,13 @@ def print_report(result: dict, workdir: str) -> None:
         return
     # Outputs that no example has and nothing was predicted as (a head wider than the data) would only be noise.
     rows = [row for row in result["per_class"] if row["support"] or row["predicted"]]
-    width = max(12, *(len(str(row["class"])) for row in rows))
+    width = max([12, *(len(str(row["class"])) for row in rows)])
     print(f"  {'class':<{width}} precision  recall  support")
     fmt = lambda v: "      -" if v is None else f"{v:7.4f}"  # noqa: E731
     for row in rows:
         print(f"  {row['class']:<{width}}   {fmt(row['precision'])} {fmt(row['recall'])}  {row['support']:7d}")
     if len(rows) < len(result["per_class"]):
-        print(f"  ({len(result['per_class']) - len(rows)} classes neither present nor predicted not shown)")
+        print(f"  ({len(result['per_class']) - len(rows)} classes with no examples and no predictions not shown)")
     print(f"  mean precision {fmt(result['mean_precision'])}  mean recall {fmt(result['mean_recall'])}")
     print(f"  confusion matrix: {result['confusion_matrix']} (and .csv)")
 

@@ -79,6 +79,9 @@ def test_imagenet_config_evaluates_an_image_folder_without_train_data(folder_run
     with open(out["confusion_matrix_csv"], encoding="utf-8") as f:
         assert f.readline().strip().split(",")[1:] == NAMES + [f"class {i}" for i in range(3, 10)]
     assert "at 64 px" in result.stdout
+    hidden = sum(1 for r in rows if not r["support"] and not r["predicted"])
+    assert f"({hidden} classes with no examples and no predictions not shown)" in result.stdout
+    assert hidden == 7 - len(set(probs.argmax(-1).tolist()) - {0, 1, 2})
 
 
 def test_explicit_command_line_overrides_win_over_the_checkpoints_view(folder_run, imagenet_config_eval):
