@@ -3,6 +3,8 @@ the predict command on top of it; checkpoints that name fewer classes than the m
 
 import io
 import json
+import os
+import re
 
 import jax
 import numpy as np
@@ -11,7 +13,7 @@ from PIL import Image
 
 from alexnet_jax import checkpointing, inference, models, train
 from alexnet_jax.data import imagefolder, pipeline, transforms
-from conftest import random_model_vars, run_cli, tiny_config
+from conftest import REPO, random_model_vars, run_cli, tiny_config
 
 CLASSES = ["cat", "dog", "n01440764"]  # a WordNet id gets its words as "name"
 
@@ -184,3 +186,21 @@ def test_bytes_from_memory_are_an_image_too(named_run):
 def test_no_images_no_predictions(named_run):
     model = inference.load(named_run)
     assert model.predict([]) == [] and model.probabilities([]).shape == (0, 10)
+
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's Python example, verbatim, in a folder holding what it names."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    [example] = [b for b in blocks if "alexnet_jax.inference.load" in b]
+    config = tiny_config(variant="bn", source="digits")
+    checkpointing.save_for_inference(str(tmp_path / "runs" / "digits"), random_model_vars(config.model), config,
+                                     [str(d) for d in range(10)], step=1)
+    rng = np.random.default_rng(2)
+    for name in ("digit.jpg", "a.jpg", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (70, 64, 3), dtype=np.uint8)).save(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(example, namespace)
+    assert namespace["probs"].shape == (2, 10)
+    assert namespace["probs"].sum(axis=1) == pytest.approx([1.0, 1.0], abs=1e-5)
