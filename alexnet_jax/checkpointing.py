@@ -22,6 +22,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from alexnet_jax import models, sharding
+
 ITEMS = ("model", "train", "meta")
 BEST_METRIC = "eval_top1"
 
@@ -166,8 +168,6 @@ def load_for_inference(workdir: str, step: int | None = None, mesh=None):
     checkpoint that has none (see `save_for_inference`) loads the same way. `config` is the checkpoint's own: it
     describes the model that was trained.
     """
-    from alexnet_jax import sharding, train  # local: train imports this module
-
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise CheckpointNotFound(f"no checkpoints in {checkpoint_dir(workdir)}")
     manager = create_manager(workdir, read_only=True)
@@ -181,7 +181,7 @@ def load_for_inference(workdir: str, step: int | None = None, mesh=None):
         mesh = sharding.create_mesh(1) if mesh is None else mesh
         replicated = sharding.replicated(mesh)
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                              train.abstract_model_vars(config.model))
+                              models.abstract_model_vars(config.model))
         model_vars = restore_model(manager, step, target)
     finally:
         manager.close()

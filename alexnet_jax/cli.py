@@ -1,9 +1,11 @@
-"""What every command line shares: flag errors become one `error:` line and exit code 2 (DESIGN's contract)."""
+"""What every command line shares: flag errors become one `error:` line and exit code 2, as the README promises;
+the multi-process flags of the commands that may run on several hosts."""
 
 import os
 import re
 import sys
 
+import jax
 from absl import app, flags
 
 EXIT_BAD_USAGE = 2
@@ -60,3 +62,24 @@ def enable_compilation_cache(directory: str) -> None:
 
 def run(main) -> None:
     app.run(main, flags_parser=parse_flags)
+
+
+def define_distributed_flags() -> None:
+    """The multi-process flags of every command that may run on several hosts at once (main, evaluate)."""
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+    flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() with auto-detection (TPU pods, "
+                      "SLURM). Default: only when --coordinator_address is given.")
+
+
+def init_distributed() -> None:
+    """Joins the other processes as the flags of `define_distributed_flags` say; a single process otherwise."""
+    FLAGS = flags.FLAGS
+    if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+        # CPU-only clusters (and our loopback tests) need a cross-process collectives backend; accelerators
+        # bring their own (NCCL, ICI), so this only affects the CPU platform.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.distributed:
+        jax.distributed.initialize()

@@ -1,8 +1,8 @@
 """Default hyper-parameters shared by every config file, and the check run before anything compiles.
 
-Config files in configs/ start from `base_config()` and override what their recipe needs. The key names
-marked as contract in DESIGN.md (seed, batch_size, model.*, data.*, optim.*, mesh.model, ...) are relied on by
-users' scripts: add keys, never rename them.
+Config files in configs/ start from `base_config()` and override what their recipe needs. The key names (seed,
+batch_size, model.*, data.*, optim.*, mesh.model, ...) are relied on by users' scripts: add keys, never rename
+them.
 """
 
 import os
@@ -132,8 +132,10 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
-    """Raises ConfigError naming the first bad key, before any file is written or anything compiles."""
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1,
+             splits: tuple[str, ...] = ("train", "eval")) -> None:
+    """Raises ConfigError naming the first bad key, before any file is written or anything compiles. Only the
+    data paths of `splits` must exist (evaluation needs no train data)."""
     # Local imports keep `import alexnet_jax.config` (done by every config file) light.
     from alexnet_jax import models, stability
     from alexnet_jax.data import pipeline
@@ -158,7 +160,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if d.source not in SOURCES:
         problems.append(f"data.source must be one of {', '.join(SOURCES)} (got {d.source!r})")
     elif d.source in ("imagefolder", "arrayrecord"):
-        for key in ("train_path", "eval_path"):
+        for key in (f"{split}_path" for split in splits):
             path = d[key]
             if not path:
                 problems.append(f"data.{key} must be set for data.source={d.source!r}")

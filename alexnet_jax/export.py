@@ -4,16 +4,18 @@
 FILE holds `jax.export`'s serialization of  images -> probabilities:
   in   uint8 (batch, H, W, 3) RGB, H = W = the checkpoint's data.image_size, already resized and centre-cropped
        the way predict does it (short side to data.resize_size, bilinear, then the central square);
-  out  float32 (batch, num_classes) softmax probabilities.
+  out  float32 (batch, model.num_classes) softmax probabilities, one per model output (the checkpoint may name
+       fewer classes than that: class_names[i] names output i while i < len(class_names)).
 Normalisation (ImageNet mean/std) happens inside, and the params are baked in as constants, so FILE is all a
-consumer needs, with plain JAX and without this package:
+consumer needs, with plain JAX plus the `flatbuffers` package (jax's serializer, which jax does not install)
+and without this package:
 
     from jax import export
     probs = export.deserialize(open(FILE, "rb").read()).call(images_uint8)
 
-The batch dimension is symbolic by default (any batch size); --batch=N fixes it. FILE.json beside it records the
-class names, image size, preprocessing and where the weights came from. Writing and reading FILE both need the
-`flatbuffers` package (jax's serializer; a dependency of alexnet_jax).
+The batch dimension is symbolic by default (any batch size); --batch=N fixes it. FILE.json beside it gives, as
+numbers, the input shape and layout, the preprocessing (resize_short_side, crop_size), the normalisation (mean,
+std), the output shape, the class names and where the weights came from. FILE may be a gs:// URL.
 """
 
 import importlib.util
@@ -24,8 +26,9 @@ import sys
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from etils import epath
 
-from alexnet_jax import checkpointing, cli, metrics, predict
+from alexnet_jax import checkpointing, cli, inference, metrics
 from alexnet_jax.data import transforms
 
 FLAGS = flags.FLAGS
@@ -49,10 +52,10 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 def export_model(config, model_vars: dict, *, batch: int | None = None, platforms=("cpu",)) -> jax.export.Exported:
     """uint8 NHWC images -> probabilities, with `model_vars` baked in as constants.
 
-    It reuses predict's function, so the exported program is the same computation predict runs.
+    It reuses inference.probabilities_fn, so the exported program is the same computation predict runs.
     """
     size = int(config.data.image_size)
-    probabilities = predict.probabilities_fn(config)
+    probabilities = inference.probabilities_fn(config)
     # Host numpy values become constants of the program, independent of the devices the checkpoint loaded onto.
     constants = jax.device_get(model_vars)
     batch_dim = jax.export.symbolic_shape("b")[0] if batch is None else int(batch)
@@ -60,25 +63,35 @@ def export_model(config, model_vars: dict, *, batch: int | None = None, platform
     return jax.export.export(jax.jit(lambda x: probabilities(constants, x)), platforms=tuple(platforms))(images)
 
 
+def _dim(d):
+    return d if isinstance(d, int) else str(d)  # a symbolic batch dimension is written by name, e.g. "b"
+
+
 def describe(config, class_names, step: int, exported: jax.export.Exported, workdir: str) -> dict:
-    batch = exported.in_avals[0].shape[0]
+    """FILE.json: everything a consumer needs to feed the function and read its output, as numbers."""
+    size, resize = int(config.data.image_size), int(config.data.resize_size)
+    num_outputs = int(exported.out_avals[0].shape[-1])
     return {
-        "format": "jax.export serialized (StableHLO); load with jax.export.deserialize(bytes).call(images)",
+        "format": "jax.export serialized (StableHLO); load with jax.export.deserialize(bytes).call(images) "
+                  "(needs the flatbuffers package)",
         "jax_version": jax.__version__,
         "platforms": list(exported.platforms),
-        "input": {"dtype": "uint8", "layout": "NHWC", "channels": "RGB",
-                  "shape": [batch if isinstance(batch, int) else str(batch), config.data.image_size,
-                            config.data.image_size, 3],
-                  "preprocessing": f"resize the short side to {config.data.resize_size} px (bilinear), then crop "
-                                   f"the central {config.data.image_size}x{config.data.image_size} square"},
+        "input": {"shape": [_dim(d) for d in exported.in_avals[0].shape], "dtype": str(exported.in_avals[0].dtype),
+                  "layout": "NHWC", "channel_order": "RGB", "value_range": [0, 255]},
+        # The eval view, done by the caller: upright RGB, short side to resize_short_side (bilinear), then the
+        # central crop_size square. Normalisation is inside the function.
+        "preprocessing": {"resize_short_side": resize, "resample": "bilinear", "crop": "center", "crop_size": size},
         "normalization": {"applied_inside": True, "mean_rgb": list(transforms.MEAN_RGB),
                           "std_rgb": list(transforms.STDDEV_RGB),
                           "note": "(pixel - mean) / std per channel, in 0..255 units; pass raw uint8 pixels"},
-        "output": {"dtype": "float32", "shape": [batch if isinstance(batch, int) else str(batch),
-                                                 len(class_names)], "meaning": "softmax probabilities"},
+        "output": {"shape": [_dim(d) for d in exported.out_avals[0].shape],
+                   "dtype": str(exported.out_avals[0].dtype), "meaning": "softmax probabilities",
+                   "num_outputs": num_outputs, "named_outputs": min(len(class_names), num_outputs)},
+        # class_names[i] names output i; outputs past the end of the list have no name (a head with more outputs
+        # than the training data had classes).
         "class_names": list(class_names),
         "model": config.model.to_dict(),
-        "checkpoint": {"workdir": os.path.abspath(workdir), "step": int(step)},
+        "checkpoint": {"workdir": workdir if "://" in workdir else os.path.abspath(workdir), "step": int(step)},
     }
 
 
@@ -104,17 +117,17 @@ def main(argv):
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_USAGE
     exported = export_model(config, model_vars, batch=FLAGS.batch, platforms=FLAGS.platforms)
-    out_dir = os.path.dirname(os.path.abspath(FLAGS.out))
-    os.makedirs(out_dir, exist_ok=True)
+    out = epath.Path(FLAGS.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename: a reader never sees half a file, and an interrupted export leaves the old one intact.
+    serialized = exported.serialize()
     sidecar = json.dumps(describe(config, class_names, step, exported, FLAGS.workdir), indent=1) + "\n"
-    for path, content in ((FLAGS.out, exported.serialize()), (FLAGS.out + ".json", sidecar.encode())):
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(content)
-        os.replace(tmp, path)
+    for path, content in ((out, serialized), (epath.Path(f"{FLAGS.out}.json"), sidecar.encode())):
+        tmp = epath.Path(f"{path}.tmp")
+        tmp.write_bytes(content)
+        tmp.replace(path)
     batch = "any" if FLAGS.batch is None else FLAGS.batch
-    print(f"wrote {FLAGS.out} ({os.path.getsize(FLAGS.out) / 2**20:.1f} MiB; checkpoint {step}, batch {batch}, "
+    print(f"wrote {FLAGS.out} ({len(serialized) / 2**20:.1f} MiB; checkpoint {step}, batch {batch}, "
           f"{config.data.image_size} px, platforms {','.join(exported.platforms)}) and {FLAGS.out}.json")
     return 0
 

@@ -19,11 +19,7 @@ from alexnet_jax import cli, metrics, stability, train
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() with auto-detection (TPU pods, "
-                  "SLURM). Default: only when --coordinator_address is given.")
+cli.define_distributed_flags()
 flags.DEFINE_bool("show_config", False, "Print every config key with its value (after --config.* overrides) "
                   "and exit.")
 flags.mark_flags_as_required(["config"])
@@ -32,16 +28,6 @@ EXIT_BAD_CONFIG = 2
 EXIT_STABILITY_STOP = 3  # the gradient-explosion guard gave up (see stability.py)
 EXIT_PREEMPTED = 128 + 15  # what a shell reports for SIGTERM: schedulers treat it as "terminated", so requeue
 EXIT_INTERRUPTED = 128 + 2  # Ctrl-C, as a shell reports it
-
-
-def init_distributed() -> None:
-    if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
-        # CPU-only clusters (and our loopback tests) need a cross-process collectives backend; accelerators
-        # bring their own (NCCL, ICI), so this only affects the CPU platform.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    elif FLAGS.distributed:
-        jax.distributed.initialize()
 
 
 def main(argv):
@@ -57,7 +43,7 @@ def main(argv):
     metrics.quiet_library_logs()
     cli.enable_compilation_cache(config.get("compilation_cache_dir", ""))
     try:
-        init_distributed()
+        cli.init_distributed()
     except (ValueError, RuntimeError) as error:  # e.g. --distributed where no cluster can be detected
         print(f"error: cannot start the multi-process runtime: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -336,3 +336,19 @@ def create_model(model_config, *, rngs: nnx.Rngs) -> AlexNet:
         space_to_depth=bool(model_config.get("space_to_depth", False)),
         rngs=rngs,
     )
+
+
+def model_graphdefs(model_config):
+    """(train, eval) graph definitions; the train/eval switch is static structure, so each compiles once."""
+    model = nnx.eval_shape(lambda: create_model(model_config, rngs=nnx.Rngs(0)))
+    model.train()
+    train_def = nnx.graphdef(model)
+    model.eval()
+    return train_def, nnx.graphdef(model)
+
+
+def abstract_model_vars(model_config) -> dict:
+    """Shapes and dtypes of {"params", "batch_stats"}, without allocating or initialising anything."""
+    model = nnx.eval_shape(lambda: create_model(model_config, rngs=nnx.Rngs(0)))
+    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}

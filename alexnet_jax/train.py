@@ -146,22 +146,6 @@ def eval_view_options(config) -> dict:
             "image_size": int(config.data.image_size)}
 
 
-def model_graphdefs(model_config):
-    """(train, eval) graph definitions; the train/eval switch is static structure, so each compiles once."""
-    model = nnx.eval_shape(lambda: models.create_model(model_config, rngs=nnx.Rngs(0)))
-    model.train()
-    train_def = nnx.graphdef(model)
-    model.eval()
-    return train_def, nnx.graphdef(model)
-
-
-def abstract_model_vars(model_config) -> dict:
-    """Shapes and dtypes of {"params", "batch_stats"}, without allocating or initialising anything."""
-    model = nnx.eval_shape(lambda: models.create_model(model_config, rngs=nnx.Rngs(0)))
-    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
-
-
 def _init_fn(model_config, tx):
     def init(key) -> TrainState:
         model = models.create_model(model_config, rngs=nnx.Rngs(params=key))
@@ -229,7 +213,7 @@ def evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=None) -> di
 
 def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
     """The jitted (train_step, eval_step) with explicit shardings; the train state is donated."""
-    train_def, eval_def = model_graphdefs(config.model)
+    train_def, eval_def = models.model_graphdefs(config.model)
     dtype = models.compute_dtype(config.model.dtype)
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=train_def, tx=tx, learning_rate_fn=learning_rate_fn,

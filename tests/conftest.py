@@ -61,3 +61,24 @@ def run_cli(module, *args, env=None, timeout=600):
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+def random_model_vars(model_config, seed=0):
+    """Random params *and* BatchNorm statistics far from their initial values, so a test notices if either is
+    dropped or mixed up on the way (checkpoint, export, inference)."""
+    import jax
+    import numpy as np
+
+    from alexnet_jax import models
+
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "var" in name:
+            return rng.uniform(0.5, 2.0, leaf.shape).astype(leaf.dtype)
+        if "scale" in name:
+            return (rng.standard_normal(leaf.shape) + 1.0).astype(leaf.dtype)
+        return (rng.standard_normal(leaf.shape) * 0.1).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, models.abstract_model_vars(model_config))

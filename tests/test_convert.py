@@ -141,6 +141,11 @@ def test_arrayrecord_source_in_the_pipeline_and_create_source(converted, tmp_pat
     batches = list(pipeline.eval_batches(evaluation, global_batch_size=5, image_size=16, resize_size=20))
     labels = np.concatenate([b["label"] for b in batches])[np.concatenate([b["mask"] for b in batches])]
     np.testing.assert_array_equal(labels, [evaluation[i]["label"] for i in range(len(evaluation))])
+    # evaluate checks the eval split against a checkpoint's class names instead: no train split needed.
+    c.train_path = ""
+    assert sources.create_source(c, "eval", 3, 0, class_names=train.class_names).class_names == train.class_names
+    with pytest.raises(ValueError, match="differs from the one the checkpoint was trained with"):
+        sources.create_source(c, "eval", 3, 0, class_names=["x", "y", "z"])
     # A shard that does not match its manifest is refused on open, naming it.
     broken = tmp_path / "broken"
     broken.mkdir()

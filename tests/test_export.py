@@ -1,6 +1,8 @@
 """The exported StableHLO function runs with plain JAX, without alexnet_jax, and reproduces predict."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import checkpointing, export, predict, train
-from conftest import run_cli, tiny_config
+from alexnet_jax import checkpointing, export, inference
+from conftest import REPO, random_model_vars, run_cli, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -19,17 +21,7 @@ def bn_checkpoint(tmp_path_factory):
     """A BatchNorm model with random weights *and* non-trivial statistics, so both must survive the export."""
     workdir = tmp_path_factory.mktemp("export") / "run"
     config = tiny_config(variant="bn")
-    rng = np.random.default_rng(0)
-    abstract = train.abstract_model_vars(config.model)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "var" in name:
-            return rng.uniform(0.5, 2.0, leaf.shape).astype(leaf.dtype)
-        scale = 1.0 if "scale" in name else 0.1
-        return (rng.standard_normal(leaf.shape) * scale + (1.0 if "scale" in name else 0.0)).astype(leaf.dtype)
-
-    model_vars = jax.tree_util.tree_map_with_path(fill, abstract)
+    model_vars = random_model_vars(config.model)
     class_names = [f"class_{i}" for i in range(config.model.num_classes)]
     checkpointing.save_for_inference(str(workdir), model_vars, config, class_names, step=5)
     return workdir, config
@@ -44,7 +36,7 @@ def _images(tmp_path, count):
         path = tmp_path / f"image_{i}.jpg"
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=90)
         paths.append(str(path))
-        pixels.append(predict.load_image(str(path), 64, 64))
+        pixels.append(inference.load_image(str(path), 64, 64))
     return paths, np.stack(pixels)
 
 
@@ -57,6 +49,7 @@ def test_exported_file_reproduces_predict_without_the_package(bn_checkpoint, tmp
     assert sidecar["class_names"] == [f"class_{i}" for i in range(10)]
     assert sidecar["input"]["shape"] == ["b", 64, 64, 3] and sidecar["input"]["dtype"] == "uint8"
     assert sidecar["checkpoint"]["step"] == 5 and sidecar["normalization"]["applied_inside"] is True
+    assert sidecar["output"]["shape"] == ["b", 10] and sidecar["output"]["named_outputs"] == 10
     assert set(sidecar["platforms"]) == {"cpu", "cuda", "tpu"}
 
     paths, _ = _images(tmp_path, 3)
@@ -100,7 +93,7 @@ def test_fixed_batch_export_equals_predicts_function(bn_checkpoint, tmp_path):
     restored = jax.export.deserialize(exported.serialize())
     _, pixels = _images(tmp_path, 2)
     np.testing.assert_allclose(np.asarray(restored.call(pixels)),
-                               np.asarray(predict.probabilities_fn(config)(model_vars, pixels)), atol=1e-6)
+                               np.asarray(inference.probabilities_fn(config)(model_vars, pixels)), atol=1e-6)
     with pytest.raises(Exception, match="shape"):
         restored.call(pixels[:1])  # a fixed batch is fixed
 
@@ -111,3 +104,49 @@ def test_export_rejects_an_unknown_platform_and_writes_nothing(bn_checkpoint, tm
     result = run_cli("alexnet_jax.export", f"--workdir={workdir}", f"--out={out}", "--platforms=cpu,gpu")
     assert result.returncode == 2 and "--platforms" in result.stderr
     assert not out.exists()
+
+
+def _readme_loader() -> str:
+    """The standalone loader the README shows, verbatim."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    [loader] = [b for b in blocks if "export.deserialize" in b]
+    return loader
+
+
+def test_readme_loader_reproduces_predict_from_the_metadata_alone(tmp_path):
+    """10 outputs but 3 class names, a 72 px resize and 64 px crop: the JSON describes what the function really
+    returns, and the README's loader (Pillow + numpy + jax.export, nothing else) gives predict's probabilities
+    for a JPEG that needs both the resize and the crop."""
+    workdir, consumer = tmp_path / "run", tmp_path / "consumer"
+    config = tiny_config(variant="bn", **{"data.resize_size": 72})
+    names = ["cat", "dog", "n01440764"]
+    checkpointing.save_for_inference(str(workdir), random_model_vars(config.model, 2), config, names, step=3)
+    result = run_cli("alexnet_jax.export", f"--workdir={workdir}", f"--out={consumer / 'alexnet.jaxexport'}",
+                     "--platforms=cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((consumer / "alexnet.jaxexport.json").read_text())
+    assert meta["output"]["shape"] == ["b", 10] and meta["output"]["num_outputs"] == 10
+    assert meta["output"]["named_outputs"] == 3 and meta["class_names"] == names
+    assert meta["preprocessing"] == {"resize_short_side": 72, "resample": "bilinear", "crop": "center",
+                                     "crop_size": 64}
+    assert meta["input"] == {"shape": ["b", 64, 64, 3], "dtype": "uint8", "layout": "NHWC",
+                             "channel_order": "RGB", "value_range": [0, 255]}
+    assert meta["normalization"]["mean_rgb"] == pytest.approx([123.675, 116.28, 103.53])
+    assert meta["normalization"]["std_rgb"] == pytest.approx([58.395, 57.12, 57.375])
+
+    rng = np.random.default_rng(6)
+    gradient = np.linspace(0, 255, 130)[None, :, None] * np.array([1.0, 0.6, 0.3])
+    pixels = np.clip(gradient + rng.normal(0, 30, (95, 130, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(consumer / "photo.jpg", quality=92)  # 95 px short side: resized, then cropped
+    script = ('import sys\nsys.modules["alexnet_jax"] = None  # any import of the package now fails\n'
+              + _readme_loader() + '\nprint(json.dumps(probs.tolist()))\n')
+    run = subprocess.run([sys.executable, "-c", script], cwd=consumer, capture_output=True, text=True,
+                         timeout=300, env={"PATH": "/usr/bin:/bin", "XLA_FLAGS": ""})
+    assert run.returncode == 0, run.stderr[-3000:]
+    *printed, probs = run.stdout.strip().splitlines()
+    expected = inference.load(workdir).probabilities(str(consumer / "photo.jpg"))[0]
+    np.testing.assert_allclose(json.loads(probs), expected, atol=1e-5)
+    order = np.argsort(-expected)[:5]
+    assert [line.rsplit(" ", 1)[0] for line in printed] == [
+        names[i] if i < 3 else f"class {i}" for i in order]

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from alexnet_jax import checkpointing, evaluate, import_torchvision, interop, models, predict
+from alexnet_jax import checkpointing, evaluate, import_torchvision, inference, interop, models
 from alexnet_jax.data import sources, transforms
 from conftest import run_cli, tiny_config
 
@@ -158,7 +158,7 @@ def test_import_command_writes_a_checkpoint_predict_accepts(tmp_path):
     config, class_names, _, step = checkpointing.load_for_inference(str(out))
     assert step == 0 and class_names[3] == "flower 3" and config.model.variant == "owt"
     assert config.model.width == 0.0625 and config.data.image_size == 224
-    crop = predict.load_image(str(photo), 224, 256)  # the same decode and crop predict used
+    crop = inference.load_image(str(photo), 224, 256)  # the same decode and crop predict used
     normalized = (crop.astype(np.float32) - np.array(transforms.MEAN_RGB, np.float32)) / np.array(
         transforms.STDDEV_RGB, np.float32)
     with torch.no_grad():
@@ -170,14 +170,18 @@ def test_import_command_writes_a_checkpoint_predict_accepts(tmp_path):
 
     # evaluate accepts it too: its loss on a tiny synthetic split is PyTorch's cross-entropy on the same pixels.
     data_config = tiny_config(**{"data.synthetic_examples": 40})  # eval split: 10 examples of 64 px
-    result, _, _ = evaluate.evaluate_checkpoint(str(out), data_config)
+    # The imported checkpoint says 224 px; asking for 64 px explicitly wins over it.
+    result, _, _ = evaluate.evaluate_checkpoint(str(out), data_config,
+                                                overrides=("data.image_size", "data.resize_size"))
     eval_source = sources.create_source(data_config.data, "eval", 10, data_config.seed)
     images = np.stack([eval_source[i]["image"] for i in range(len(eval_source))]).astype(np.float32)
     labels = torch.tensor([eval_source[i]["label"] for i in range(len(eval_source))])
     normalized = (images - np.array(transforms.MEAN_RGB, np.float32)) / np.array(transforms.STDDEV_RGB, np.float32)
     with torch.no_grad():
         logits = reference(torch.from_numpy(normalized.transpose(0, 3, 1, 2).copy()))
-    assert result["eval_examples"] == 10 and "224 px" in result["note"]
+    assert result["eval_examples"] == 10 and result["image_size"] == 64
+    assert result["note"] == ("evaluated with data.image_size=64, data.resize_size=64; the checkpoint was trained "
+                              "with data.image_size=224, data.resize_size=256")
     assert result["eval_loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, labels)), abs=1e-5)
     assert result["eval_top1"] == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
 

@@ -97,11 +97,24 @@ class EvalTransform(grain.transforms.Map):
         return {"image": image, "label": label, "mask": mask, "bad_index": np.int64(bad_index)}
 
 
+def _eval_crop(image_size: int, resize_size: int, eval_crops: int):
+    """(box plan, output size) of the eval view: the central crop of the picture with its short side at
+    resize_size; the crop is the resize_size square itself for ten-crop eval (the device cuts the views)."""
+    crop = resize_size if eval_crops == 10 else image_size
+    return (lambda w, h: transforms.center_crop_box(w, h, crop, resize_size)), (crop, crop)
+
+
 def eval_view(data: bytes, image_size: int, resize_size: int, eval_crops: int = 1) -> np.ndarray:
     """The host view the eval pipeline ships for one encoded image (predict uses it, so a prediction sees
     exactly what evaluation saw). Raises decode.BadImageError (a ValueError)."""
-    crop = resize_size if eval_crops == 10 else image_size
-    return decode.decode_crop(data, lambda w, h: transforms.center_crop_box(w, h, crop, resize_size), (crop, crop))
+    plan, size = _eval_crop(image_size, resize_size, eval_crops)
+    return decode.decode_crop(data, plan, size)
+
+
+def eval_view_of_picture(image, image_size: int, resize_size: int, eval_crops: int = 1) -> np.ndarray:
+    """The same view of a picture already decoded (a PIL image, taken as it is: upright, full resolution)."""
+    plan, size = _eval_crop(image_size, resize_size, eval_crops)
+    return decode.resample_box(image, plan(*image.size), size)
 
 
 @dataclasses.dataclass(frozen=True)

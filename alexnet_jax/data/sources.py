@@ -76,20 +76,21 @@ class SyntheticSource:
         return {"image": image, "label": int(rng.integers(self._num_classes))}
 
 
-def create_source(data_config, split: str, num_classes: int | None, seed: int):
-    """The `split` ("train" or "eval") of the source named by `data.source`.
+def create_source(data_config, split: str, num_classes: int | None, seed: int, class_names=None):
+    """The `split` ("train" or "eval") of the source named by `data.source`. An eval split is labelled by
+    `class_names` when given (a checkpoint's: evaluation then needs no train data), else like the train split.
 
     Raises ValueError naming the key or file when the data cannot be used (missing path, labels that disagree
     with the train split, more classes than the model has). num_classes=None accepts the data's own class list
     (only for sources that have one: imagefolder, arrayrecord)."""
-    source = _create_source(data_config, split, num_classes, seed)
+    source = _create_source(data_config, split, num_classes, seed, class_names)
     if num_classes is not None and len(source.class_names) > num_classes:
         raise ValueError(f"data.{'train' if split == 'train' else 'eval'}_path has {len(source.class_names)} classes"
                          f" but model.num_classes is {num_classes}")
     return source
 
 
-def _create_source(data_config, split: str, num_classes: int, seed: int):
+def _create_source(data_config, split: str, num_classes: int, seed: int, class_names=None):
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     name = data_config.source
@@ -100,9 +101,9 @@ def _create_source(data_config, split: str, num_classes: int, seed: int):
         return SyntheticSource(size if split == "train" else max(1, size // 4), data_config.image_size, num_classes,
                                                      seed=seed + (0 if split == "train" else 1))
     if name == "imagefolder":
-        return _imagefolder_source(data_config, split)
+        return _imagefolder_source(data_config, split, class_names)
     if name == "arrayrecord":
-        return _arrayrecord_source(data_config, split)
+        return _arrayrecord_source(data_config, split, class_names)
     raise ValueError(f"data.source={name!r} is not a known source")
 
 
@@ -114,23 +115,29 @@ def _split_path(data_config, split: str) -> str:
     return path
 
 
-def _imagefolder_source(data_config, split: str):
+def _imagefolder_source(data_config, split: str, class_names=None):
     from alexnet_jax.data import imagefolder
 
     path = _split_path(data_config, split)
     if split == "train":
         return imagefolder.ImageFolderSource(path)
     # Eval labels must be the train split's: its folder list (cheap) when there is one, else ImageNet's 1000.
-    return imagefolder.create(path, class_names=imagefolder.training_class_names(data_config.train_path),
+    if class_names is None:
+        class_names = imagefolder.training_class_names(data_config.train_path)
+    return imagefolder.create(path, class_names=class_names,
                               ground_truth=data_config.get("val_labels", ""),
                               labels_file=data_config.get("labels_file", ""))
 
 
-def _arrayrecord_source(data_config, split: str):
+def _arrayrecord_source(data_config, split: str, class_names=None):
     from alexnet_jax.data import arrayrecord
 
     source = arrayrecord.ArrayRecordSource(_split_path(data_config, split))
-    if split == "eval" and data_config.train_path and os.path.exists(data_config.train_path):
+    if split == "eval" and class_names is not None:
+        if list(class_names) != source.class_names:
+            raise ValueError(f"data.eval_path {data_config.eval_path}: its class list differs from the one the "
+                             "checkpoint was trained with")
+    elif split == "eval" and data_config.train_path and os.path.exists(data_config.train_path):
         train_classes = arrayrecord.read_manifest(data_config.train_path)["class_names"]
         if train_classes != source.class_names:
             raise ValueError(f"data.eval_path {data_config.eval_path}: its class list differs from data.train_path's"
