@@ -15,6 +15,8 @@ weights without any extra machinery in the optimiser.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Callable, Mapping
 
@@ -39,6 +41,8 @@ _CONV_CHANNELS = {
 }
 _HIDDEN_FEATURES = 4096
 _POOLED_SIZE = (6, 6)
+# Set only while a multi-device step is traced (see fc_layout); None leaves the model layout-agnostic.
+_FC_INPUT_SHARDING = contextvars.ContextVar("fc_input_sharding", default=None)
 
 
 def scaled_channels(channels: int, width: float) -> int:
@@ -48,6 +52,26 @@ def scaled_channels(channels: int, width: float) -> int:
     variants and ``original`` at any width stays splittable into its two towers.
     """
     return max(2, 2 * int(channels * width / 2 + 0.5))
+
+
+def hidden_features(width: float) -> int:
+    """Width of fc6 and fc7 at a width multiplier (4,096 at width 1)."""
+    return scaled_channels(_HIDDEN_FEATURES, width)
+
+
+@contextlib.contextmanager
+def fc_layout(sharding):
+    """Within this context, tracing the model re-lays out the features entering fc6 onto `sharding`.
+
+    This is the hinge of the "one weird trick" layout (sharding.py): convolutions split the batch over every
+    device, the classifier splits it over 'data' only and its weights over 'model'. Predict and export trace the
+    model without it and see no mesh at all.
+    """
+    token = _FC_INPUT_SHARDING.set(sharding)
+    try:
+        yield
+    finally:
+        _FC_INPUT_SHARDING.reset(token)
 
 
 def max_pool(x: jax.Array) -> jax.Array:
@@ -153,7 +177,7 @@ class AlexNet(nnx.Module):
         self.dtype = dtype
 
         c1, c2, c3, c4, c5 = (scaled_channels(c, width) for c in _CONV_CHANNELS[variant])
-        hidden = scaled_channels(_HIDDEN_FEATURES, width)
+        hidden = hidden_features(width)
         flat = _POOLED_SIZE[0] * _POOLED_SIZE[1] * c5
         # The paper split conv2, conv4 and conv5 across two GPUs, each half seeing only its own half of the
         # previous layer; grouped convolutions keep exactly that connectivity (and parameter count) on one device.
@@ -267,6 +291,9 @@ class AlexNet(nnx.Module):
         # H-W-C order is the free reshape of NHWC. torchvision's fc6 expects C-H-W order; the interop layer
         # permutes fc6's kernel rows once at load time instead of transposing activations on every step.
         x = x.reshape(x.shape[0], -1)
+        fc_sharding = _FC_INPUT_SHARDING.get()
+        if fc_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, fc_sharding)
 
         x = self.dropout(x, rngs=rngs)
         x = self.fc6(x)

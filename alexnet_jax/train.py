@@ -1,7 +1,7 @@
 """Training and evaluation: a pure, jitted train step and the loop that feeds it.
 
 A batch's path: grain yields this process's uint8 slice (data/pipeline.py) -> `sharding.host_to_global` makes
-it one global array sharded over 'data' -> `train_step` normalises/flips it on the device, runs the model, and
+it one global array split over every device -> `train_step` normalises/flips it on the device, runs the model, and
 applies the optax update. Metrics stay on the device until a log step, so the host never waits on the step.
 The step refuses non-finite updates on the device; at log steps `stability.Recovery` judges the row and may roll
 back to a good checkpoint (see stability.py).
@@ -135,7 +135,8 @@ def abstract_train_state(config, mesh, tx) -> TrainState:
     """The train state as ShapeDtypeStructs carrying their mesh shardings: the target layout for both a fresh
     initialisation and a checkpoint restore, computed without allocating anything."""
     abstract = jax.eval_shape(_init_fn(config.model, tx), jax.random.key(config.seed))
-    shardings = sharding.tree_shardings(abstract, mesh)
+    shardings = sharding.train_state_shardings(
+        abstract, mesh, shard_optimizer_state=bool(config.mesh.get("shard_optimizer_state", False)))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
@@ -195,19 +196,32 @@ def create_optimizer(optim_config, learning_rate_fn) -> optax.GradientTransforma
                                 clip_norm=float(optim_config.get("clip_norm", 0.0)))
 
 
+def _with_fc_layout(fn, mesh):
+    """`fn`, traced with the model's fc6 input re-laid out for the mesh (sharding.fc_input_sharding)."""
+    layout = sharding.fc_input_sharding(mesh)
+
+    def traced(*args):
+        with models.fc_layout(layout):
+            return fn(*args)
+
+    return traced
+
+
 def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
     """The jitted (train_step, eval_step) with explicit shardings; the train state is donated."""
     train_def, eval_def = model_graphdefs(config.model)
     dtype = jnp.dtype(config.model.dtype)
+    step = functools.partial(train_step, graphdef=train_def, tx=tx, learning_rate_fn=learning_rate_fn,
+                             dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1), dtype=dtype,
+                             flip=config.data.random_flip, lighting_std=float(config.data.lighting_std))
     step_fn = jax.jit(
-        functools.partial(train_step, graphdef=train_def, tx=tx, learning_rate_fn=learning_rate_fn,
-                          dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1), dtype=dtype,
-                          flip=config.data.random_flip, lighting_std=float(config.data.lighting_std)),
+        _with_fc_layout(step, mesh),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)
     model_shardings = {"params": state_shardings.params, "batch_stats": state_shardings.batch_stats}
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef=eval_def, **eval_view_options(config)),
+    evaluate_batch = functools.partial(eval_step, graphdef=eval_def, **eval_view_options(config))
+    eval_fn = jax.jit(_with_fc_layout(evaluate_batch, mesh),
                       in_shardings=(model_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.replicated(mesh))
     return step_fn, eval_fn
@@ -232,7 +246,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Raises stability.TrainingStopped when the stability guard gives up (main exits with code 3).
     """
-    mesh = sharding.create_mesh(config.mesh.model)
+    try:
+        mesh = sharding.mesh_for(config)
+    except ValueError as error:  # e.g. a TPU topology that has no such grid
+        raise config_lib.ConfigError(str(error)) from None
     try:
         train_source = sources.create_source(config.data, "train", config.model.num_classes, config.seed)
         eval_source = sources.create_source(config.data, "eval", config.model.num_classes, config.seed)
