@@ -204,6 +204,7 @@ def _with_fc_layout(fn, mesh):
         with models.fc_layout(layout):
             return fn(*args)
 
+    traced.__name__ = traced.__qualname__ = fn.func.__name__  # what profiles and HLO dumps call it
     return traced
 
 

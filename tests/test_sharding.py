@@ -133,3 +133,56 @@ def test_a_mesh_that_cannot_be_built_exits_2_with_one_line(tmp_path):
 
 if __name__ == "__main__":
     print(json.dumps({json.dumps(layout): _train_losses(*layout) for layout in LAYOUTS}))
+
+
+HLO = """
+  %all-reduce.1 = f32[256,576]{1,0} all-reduce(f32[256,576]{1,0} %dot.11), channel_id=56, to_apply=%add
+  %ag-start = (f32[8,256]{1,0}, f32[16,256]{1,0}) all-gather-start(f32[8,256]{1,0} %x), dimensions={0}
+  %ag-done = f32[16,256]{1,0} all-gather-done((f32[8,256]{1,0}, f32[16,256]{1,0}) %ag-start)
+  %a2a = (bf16[1,4,1,500]{3,2,1,0}, bf16[1,4,1,500]{3,2,1,0}) all-to-all(%p, %q), channel_id=63
+  %conv = f32[4,15,15,4]{3,2,1,0} convolution(%img, %k), dim_labels=b01f_01io->b01f, metadata={op_name="jit(step)/jvp()/conv_general_dilated"}
+  %wgrad = f32[12,3,3,24]{3,2,1,0} convolution(%a, %b), dim_labels=b01f_01io->b01f, metadata={op_name="jit(step)/transpose(jvp())/conv_general_dilated"}
+"""
+
+
+def test_collectives_and_conv_batch_are_read_off_hlo_text():
+    from alexnet_jax import summary
+
+    counts, total = summary.collectives(HLO)
+    assert counts == {"all-reduce": 1, "all-gather": 1, "reduce-scatter": 0, "all-to-all": 1,
+                      "collective-permute": 0}
+    # Results only, an async pair once (its -done): 256*576 + 16*256 float32, two 2,000-element bfloat16 arrays.
+    assert total == 4 * (256 * 576 + 16 * 256) + 2 * 2 * 2000
+    assert summary.conv_batch_per_device(HLO) == 4  # the weight-gradient convolution is not a batch
+
+
+TINY_IMAGENET = ["--config=configs/imagenet.py", "--config.model.width=0.0625", "--config.data.image_size=64",
+                 "--config.batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def parallelism():
+    from conftest import run_cli
+
+    reports = {}
+    for model_axis in (1, 4):
+        result = run_cli("alexnet_jax.summary", *TINY_IMAGENET, f"--config.mesh.model={model_axis}", "--json",
+                         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "collectives per step" in result.stdout  # the console form precedes the JSON line
+        reports[model_axis] = json.loads(result.stdout.strip().splitlines()[-1])["parallelism"]
+    return reports
+
+
+def test_summary_reports_the_compiled_steps_parallelism(parallelism):
+    data_parallel, model_parallel = parallelism[1], parallelism[4]
+    assert data_parallel["devices"] == model_parallel["devices"] == 4
+    assert data_parallel["mesh"] == {"data": 4, "model": 1} and model_parallel["mesh"] == {"data": 1, "model": 4}
+    # The hybrid layout's point: the convolutions see 16 / 4 images per device whatever mesh.model is.
+    assert data_parallel["conv_batch_per_device"] == model_parallel["conv_batch_per_device"] == 4
+    # Pure data parallelism all-reduces every gradient: at least the whole parameter set moves.
+    assert data_parallel["collectives"]["all-reduce"] >= 1
+    assert data_parallel["collective_bytes_per_step"] >= data_parallel["param_bytes_per_device"]
+    # fc6-fc8 (most of the parameters) are split four ways.
+    assert model_parallel["param_bytes_per_device"] < data_parallel["param_bytes_per_device"] / 2
+    assert model_parallel["opt_state_bytes_per_device"] < data_parallel["opt_state_bytes_per_device"] / 2
