@@ -42,7 +42,7 @@ _CONV_CHANNELS = {
 _HIDDEN_FEATURES = 4096
 _POOLED_SIZE = (6, 6)
 # Set only while a multi-device step is traced (see fc_layout); None leaves the model layout-agnostic.
-_FC_INPUT_SHARDING = contextvars.ContextVar("fc_input_sharding", default=None)
+_FC_LAYOUT = contextvars.ContextVar("fc_layout", default=None)
 
 
 def scaled_channels(channels: int, width: float) -> int:
@@ -60,18 +60,22 @@ def hidden_features(width: float) -> int:
 
 
 @contextlib.contextmanager
-def fc_layout(sharding):
-    """Within this context, tracing the model re-lays out the features entering fc6 onto `sharding`.
+def fc_layout(features, hidden, classes, logits):
+    """Within this context, tracing the model pins the classifier's activations to these shardings: the
+    features entering fc6 to `features`, the outputs of fc6 and fc7 to `hidden`, fc8's to `classes`, and
+    then the logits it returns to `logits`.
 
     This is the hinge of the "one weird trick" layout (sharding.py): convolutions split the batch over every
-    device, the classifier splits it over 'data' only and its weights over 'model'. Predict and export trace the
-    model without it and see no mesh at all.
+    device, the classifier splits it over 'data' only and its weights over 'model', and the loss sees the
+    convolutions' layout again. Pinned activations (and so, by transposition, their gradients) leave XLA no
+    reason to move weights instead of activations. Predict and export trace the model without it and see no
+    mesh at all.
     """
-    token = _FC_INPUT_SHARDING.set(sharding)
+    token = _FC_LAYOUT.set((features, hidden, classes, logits))
     try:
         yield
     finally:
-        _FC_INPUT_SHARDING.reset(token)
+        _FC_LAYOUT.reset(token)
 
 
 def max_pool(x: jax.Array) -> jax.Array:
@@ -291,21 +295,21 @@ class AlexNet(nnx.Module):
         # H-W-C order is the free reshape of NHWC. torchvision's fc6 expects C-H-W order; the interop layer
         # permutes fc6's kernel rows once at load time instead of transposing activations on every step.
         x = x.reshape(x.shape[0], -1)
-        fc_sharding = _FC_INPUT_SHARDING.get()
-        if fc_sharding is not None:
-            x = jax.lax.with_sharding_constraint(x, fc_sharding)
+        layout = _FC_LAYOUT.get()
+        pin = (lambda x, i: jax.lax.with_sharding_constraint(x, layout[i])) if layout else (lambda x, i: x)
+        x = pin(x, 0)
 
         x = self.dropout(x, rngs=rngs)
-        x = self.fc6(x)
+        x = pin(self.fc6(x), 1)
         x = self.bn6(x) if bn else x
         x = act(x)
 
         x = self.dropout(x, rngs=rngs)
-        x = self.fc7(x)
+        x = pin(self.fc7(x), 1)
         x = self.bn7(x) if bn else x
         x = act(x)
 
-        x = self.fc8(x)
+        x = pin(pin(self.fc8(x), 2), 3)
         # Softmax/cross-entropy in bfloat16 loses too much; the loss always sees float32 logits.
         return x.astype(jnp.float32)
 

@@ -6,7 +6,7 @@ parameters, so
 
 - the batch is split over *every* device (both mesh axes, `BATCH`): each convolution runs on
   batch / device_count examples per device whatever `mesh.model` is, and conv gradients are all-reduced once;
-- before fc6 the activations are re-laid out (`fc_input_sharding`, applied by models.py) to be split over
+- before fc6 the activations are re-laid out (`classifier_layout`, applied by models.py) to be split over
   'data' only, so fc6/fc7 (and fc8 where its width divides) run model parallel over 'model' on their slice of
   the kernels, and their gradients are all-reduced over 'data' only: a 1/M share each.
 
@@ -144,12 +144,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, BATCH)
 
 
-def fc_input_sharding(mesh: Mesh) -> NamedSharding:
-    """Where the flattened features entering fc6 go: split over 'data', whole within each 'model' group.
+def classifier_layout(mesh: Mesh, num_classes: int) -> tuple[NamedSharding, ...]:
+    """Shardings models.fc_layout pins the classifier's activations to: (fc6 input, fc6/fc7 outputs, fc8
+    output, logits).
 
-    Each model group gathers its M row blocks (batch/D rows of 9,216 features: small next to fc6's kernel) and
-    every member multiplies them by its own 1/M of fc6's columns."""
-    return NamedSharding(mesh, P(DATA, None))
+    The flattened features are split over 'data' and whole within each 'model' group: the group gathers its M
+    row blocks (batch/D rows of 9,216 features, small next to fc6's kernel) and each member multiplies them by
+    its own 1/M of the columns, giving rows over 'data' and features over 'model'. fc8's output is laid out the
+    same where num_classes divides by the 'model' axis (else whole), and the logits go back to the batch
+    layout for the loss. Pinned activations (and gradients, by transposition) keep XLA from moving weights."""
+    split = NamedSharding(mesh, P(DATA, MODEL))
+    whole = NamedSharding(mesh, P(DATA, None))
+    return whole, split, split if num_classes % mesh.shape[MODEL] == 0 else whole, batch_sharding(mesh)
 
 
 def process_rows(mesh: Mesh, global_rows: int, process_index: int) -> list[tuple[int, int]]:

@@ -196,12 +196,12 @@ def create_optimizer(optim_config, learning_rate_fn) -> optax.GradientTransforma
                                 clip_norm=float(optim_config.get("clip_norm", 0.0)))
 
 
-def _with_fc_layout(fn, mesh):
-    """`fn`, traced with the model's fc6 input re-laid out for the mesh (sharding.fc_input_sharding)."""
-    layout = sharding.fc_input_sharding(mesh)
+def _with_fc_layout(fn, mesh, num_classes: int):
+    """`fn`, traced with the model's classifier laid out for the mesh (sharding.classifier_layout)."""
+    layout = sharding.classifier_layout(mesh, num_classes)
 
     def traced(*args):
-        with models.fc_layout(layout):
+        with models.fc_layout(*layout):
             return fn(*args)
 
     traced.__name__ = traced.__qualname__ = fn.func.__name__  # what profiles and HLO dumps call it
@@ -216,13 +216,13 @@ def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
                              dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1), dtype=dtype,
                              flip=config.data.random_flip, lighting_std=float(config.data.lighting_std))
     step_fn = jax.jit(
-        _with_fc_layout(step, mesh),
+        _with_fc_layout(step, mesh, config.model.num_classes),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)
     model_shardings = {"params": state_shardings.params, "batch_stats": state_shardings.batch_stats}
     evaluate_batch = functools.partial(eval_step, graphdef=eval_def, **eval_view_options(config))
-    eval_fn = jax.jit(_with_fc_layout(evaluate_batch, mesh),
+    eval_fn = jax.jit(_with_fc_layout(evaluate_batch, mesh, config.model.num_classes),
                       in_shardings=(model_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.replicated(mesh))
     return step_fn, eval_fn
