@@ -99,7 +99,8 @@ def _mesh_problems(config, num_devices: int) -> list[str]:
     hidden = models.hidden_features(config.model.width) if config.model.width > 0 else model_axis
     if hidden % model_axis:
         # fc6/fc7 would silently stay whole on every device: refuse rather than run a layout nobody asked for.
-        return [f"mesh.model={model_axis} must divide the fc6/fc7 width {hidden} (model.width={config.model.width})"]
+        return [f"mesh.model={model_axis} must divide the fc6/fc7 width {hidden} "
+                f"(model.width={config.model.width})"]
     if slices < 1 or (num_devices // model_axis) % slices:
         return [f"mesh.num_slices={slices} must divide the {num_devices // model_axis} data-parallel devices"]
     return []

@@ -296,7 +296,10 @@ class AlexNet(nnx.Module):
         # permutes fc6's kernel rows once at load time instead of transposing activations on every step.
         x = x.reshape(x.shape[0], -1)
         layout = _FC_LAYOUT.get()
-        pin = (lambda x, i: jax.lax.with_sharding_constraint(x, layout[i])) if layout else (lambda x, i: x)
+
+        def pin(y, i):  # onto the i-th sharding of fc_layout, when one is set
+            return y if layout is None else jax.lax.with_sharding_constraint(y, layout[i])
+
         x = pin(x, 0)
 
         x = self.dropout(x, rngs=rngs)

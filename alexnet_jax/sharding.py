@@ -57,8 +57,9 @@ def create_mesh(model_axis_size: int = 1, num_slices: int = 1, devices=None) -> 
         if num_slices == 1:
             grid = mesh_utils.create_device_mesh((data, model_axis_size), devices)
         else:
-            # TPU devices carry their slice index; elsewhere (GPU clusters, CPU tests) a process is the unit.
-            by_process = not hasattr(devices[0], "slice_index")
+            # Multi-slice TPUs number their slices; elsewhere (GPU clusters, CPU) every device reports slice 0 or
+            # none, and a process is the unit that talks to the others over the slower network.
+            by_process = len({getattr(d, "slice_index", 0) for d in devices}) != num_slices
             grid = mesh_utils.create_hybrid_device_mesh(
                 (data // num_slices, model_axis_size), (num_slices, 1), devices, process_is_granule=by_process)
     except (ValueError, NotImplementedError, AssertionError) as error:
@@ -91,8 +92,8 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
 def with_data_axis(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     """`spec` with its largest still-whole dimension that divides by the 'data' axis split over 'data' too.
 
-    ZeRO-1: each data-parallel replica then keeps and updates only its 1/D of a leaf's optimizer state; XLA
-    turns the gradient all-reduce into a reduce-scatter and gathers the updated parameters back.
+    ZeRO-1: each data-parallel replica then keeps and updates only its 1/D of a leaf's optimizer state, and XLA
+    gathers the updated parameters back (a memory saving: `summary` shows what it costs in collectives).
     """
     data = mesh.shape[DATA]
     if data == 1 or math.prod(shape) < MIN_SHARDED_ELEMENTS:
@@ -158,21 +159,15 @@ def classifier_layout(mesh: Mesh, num_classes: int) -> tuple[NamedSharding, ...]
     return whole, split, split if num_classes % mesh.shape[MODEL] == 0 else whole, batch_sharding(mesh)
 
 
-def process_rows(mesh: Mesh, global_rows: int, process_index: int) -> list[tuple[int, int]]:
-    """The [start, stop) row ranges of a global batch that `process_index`'s devices hold, in ascending order."""
-    indices = batch_sharding(mesh).devices_indices_map((global_rows,))
-    ranges = {indices[d][0].indices(global_rows)[:2] for d in mesh.devices.flat if d.process_index == process_index}
-    return sorted(ranges)
-
-
 def host_to_global(local_batch: dict, mesh: Mesh) -> dict:
     """This process's slice of the global batch (numpy) -> global jax.Arrays sharded over all devices.
 
     Each process passes only the rows it loaded (its own 1/P of the global batch); JAX stitches them into one
     logical array without any cross-host copy. Every device holds distinct rows, so a process's devices need
-    exactly its local rows, whichever mesh axes they span: the local rows fill, in order, the row ranges of
-    `process_rows` (one contiguous block p on jax.devices()' process-major order). A mesh that interleaves
-    processes only permutes rows within the global batch, which the mean loss does not see.
+    exactly its local rows, whichever mesh axes they span: the local rows fill, in order, the row blocks its
+    devices hold (on jax.devices()' process-major order, block p of the global batch: the rows the pipeline
+    gave process p). A mesh that interleaves processes only permutes rows within the global batch, which the
+    mean loss does not see.
     """
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

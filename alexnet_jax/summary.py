@@ -156,7 +156,8 @@ def parallelism(config) -> dict:
     learning_rate_fn = optim.create_learning_rate_fn(config.optim, 1000, 1000)
     tx = train.create_optimizer(config.optim, learning_rate_fn)
     state = train.abstract_train_state(config, mesh, tx)
-    step_fn, _ = train.compile_steps(config, mesh, tx, learning_rate_fn, jax.tree.map(lambda x: x.sharding, state))
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    step_fn, _ = train.compile_steps(config, mesh, tx, learning_rate_fn, state_shardings)
     size, batch = int(config.data.image_size), sharding.batch_sharding(mesh)
     batch_shapes = {
         "image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8, sharding=batch),
@@ -183,8 +184,8 @@ def format_parallelism(report: dict) -> str:
         f"Train step on {report['devices']} device(s), mesh {mesh}, global batch {report['global_batch']}"
         f"{', optimizer state sharded over data' if report['shard_optimizer_state'] else ''}:",
         f"  conv batch per device      {report['conv_batch_per_device']}",
-        f"  params per device          {report['param_bytes_per_device'] / 2**20:,.1f} MiB",
-        f"  optimizer state per device {report['opt_state_bytes_per_device'] / 2**20:,.1f} MiB",
+        f"  params per device          {report['param_bytes_per_device'] / 1e6:,.1f} MB",
+        f"  optimizer state per device {report['opt_state_bytes_per_device'] / 1e6:,.1f} MB",
         f"  collectives per step       {report['collective_bytes_per_step'] / 1e6:,.1f} MB ({counts})",
     ])
 

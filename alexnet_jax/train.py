@@ -1,8 +1,8 @@
 """Training and evaluation: a pure, jitted train step and the loop that feeds it.
 
 A batch's path: grain yields this process's uint8 slice (data/pipeline.py) -> `sharding.host_to_global` makes
-it one global array split over every device -> `train_step` normalises/flips it on the device, runs the model, and
-applies the optax update. Metrics stay on the device until a log step, so the host never waits on the step.
+it one global array split over every device -> `train_step` normalises/flips it on the device, runs the model,
+and applies the optax update. Metrics stay on the device until a log step, so the host never waits on the step.
 The step refuses non-finite updates on the device; at log steps `stability.Recovery` judges the row and may roll
 back to a good checkpoint (see stability.py).
 """

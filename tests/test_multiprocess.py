@@ -32,10 +32,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(workdir, processes: int, devices: int) -> list[subprocess.Popen]:
+def _start(workdir, processes: int, devices: int, *extra_args) -> list[subprocess.Popen]:
     """`processes` trainer processes with `devices` CPU devices each, over loopback when more than one."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    command = [sys.executable, "-m", "alexnet_jax.main", f"--workdir={workdir}", *ARGS]
+    command = [sys.executable, "-m", "alexnet_jax.main", f"--workdir={workdir}", *ARGS, *extra_args]
     if processes > 1:
         port = _free_port()
         cluster = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}"]
@@ -77,13 +77,14 @@ def runs(tmp_path_factory):
         # At most one multi-process run at a time: gloo gives a peer only seconds to connect, and on a loaded
         # machine two of them compiling side by side can drift further apart than that.
         started = []
-        for name, workdir, processes, devices in runs:
+        for name, workdir, *how in runs:
             workdirs[name] = workdir
-            started.append(_start(workdir, processes, devices))
+            started.append(_start(workdir, *how))
         for procs in started:
             _finish(procs)
 
-    run_together(("1x4", base / "1x4", 1, 4), ("2x2", base / "2x2", 2, 2))
+    # The 2x2 run also treats each process as a slice over DCN (create_hybrid_device_mesh): same device order.
+    run_together(("1x4", base / "1x4", 1, 4), ("2x2", base / "2x2", 2, 2, "--config.mesh.num_slices=2"))
     run_together(("1x2", base / "1x2", 1, 2), ("2x1", base / "2x1", 2, 1))
     # Written by 2 processes, resumed by 1; and the other way.
     run_together(("2x2->1x2", _resume_from_step_4(base / "2x2", base / "2x2-1x2"), 1, 2),

@@ -94,6 +94,9 @@ def test_mesh_is_data_major_and_model_inner():
         sharding.create_mesh(3, devices=jax.devices() * 4)
     with pytest.raises(ValueError, match="mesh.num_slices=3"):
         sharding.create_mesh(1, num_slices=3, devices=jax.devices() * 4)
+    # Slices over DCN are TPU slices or, on CPU/GPU, processes: this one process cannot be two.
+    with pytest.raises(ValueError, match="mesh.num_slices=2"):
+        sharding.create_mesh(1, num_slices=2, devices=jax.devices() * 2)
 
 
 def test_spec_rules():
@@ -141,8 +144,10 @@ HLO = """
   %ag-start = (f32[8,256]{1,0}, f32[16,256]{1,0}) all-gather-start(f32[8,256]{1,0} %x), dimensions={0}
   %ag-done = f32[16,256]{1,0} all-gather-done((f32[8,256]{1,0}, f32[16,256]{1,0}) %ag-start)
   %a2a = (bf16[1,4,1,500]{3,2,1,0}, bf16[1,4,1,500]{3,2,1,0}) all-to-all(%p, %q), channel_id=63
-  %conv = f32[4,15,15,4]{3,2,1,0} convolution(%img, %k), dim_labels=b01f_01io->b01f, metadata={op_name="jit(step)/jvp()/conv_general_dilated"}
-  %wgrad = f32[12,3,3,24]{3,2,1,0} convolution(%a, %b), dim_labels=b01f_01io->b01f, metadata={op_name="jit(step)/transpose(jvp())/conv_general_dilated"}
+  %conv = f32[4,15,15,4]{3,2,1,0} convolution(%img, %k), dim_labels=b01f_01io->b01f, metadata={op_name=\
+"jit(step)/jvp()/conv_general_dilated"}
+  %wgrad = f32[12,3,3,24]{3,2,1,0} convolution(%a, %b), dim_labels=b01f_01io->b01f, metadata={op_name=\
+"jit(step)/transpose(jvp())/conv_general_dilated"}
 """
 
 
