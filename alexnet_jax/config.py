@@ -91,7 +91,7 @@ class ConfigError(ValueError):
 
 
 def _mesh_problems(config, num_devices: int) -> list[str]:
-    from alexnet_jax import models
+    from alexnet_jax import models  # local, as in validate
 
     model_axis, slices = config.mesh.model, config.mesh.get("num_slices", 1)
     if model_axis < 1 or num_devices % model_axis:
@@ -103,6 +103,15 @@ def _mesh_problems(config, num_devices: int) -> list[str]:
                 f"(model.width={config.model.width})"]
     if slices < 1 or (num_devices // model_axis) % slices:
         return [f"mesh.num_slices={slices} must divide the {num_devices // model_axis} data-parallel devices"]
+    import jax
+
+    from alexnet_jax import sharding
+
+    if num_devices == jax.device_count():  # the devices at hand: the topology itself may refuse the grid
+        try:
+            sharding.mesh_for(config)
+        except ValueError as error:
+            return [str(error)]
     return []
 
 

@@ -124,14 +124,21 @@ def test_validation_names_the_key(overrides, key):
         config_lib.validate(tiny_config(**overrides), num_devices=4)
 
 
-def test_a_mesh_that_cannot_be_built_exits_2_with_one_line(tmp_path):
+@pytest.mark.parametrize("override, devices, message", [
+    ("--config.mesh.model=2", 1, "error: config: mesh.model must divide the 1 devices (got 2)"),
+    # The numbers add up (2 data-parallel devices), but one process cannot be two DCN slices.
+    ("--config.mesh.num_slices=2", 2, "error: config: mesh.model=1, mesh.num_slices=2: no 2x1 mesh on these 2 "
+                                      "devices: Number of slices 1 must equal the product of dcn_mesh_shape (2, 1)"),
+])
+def test_a_mesh_that_cannot_be_built_exits_2_with_one_line(tmp_path, override, devices, message):
     from conftest import run_cli
 
     workdir = tmp_path / "run"
-    result = run_cli("alexnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
-                     "--config.mesh.model=2", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    result = run_cli("alexnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}", override,
+                     "--config.batch_size=16",
+                     env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: config: mesh.model must divide the 1 devices (got 2)"]
+    assert result.stderr.strip().splitlines() == [message]
     assert not workdir.exists()
 
 
