@@ -101,7 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.stability.max_rollbacks = 3  # the next spike stops the run (exit code 3)
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.model = 1  # size of the 'model' mesh axis; 'data' takes the remaining devices
+    c.mesh.model = 1  # size of the 'model' mesh axis (splits fc6-fc8); 'data' takes the remaining devices
+    c.mesh.num_slices = 1  # TPU slices (or, without slice ids, processes) joined over DCN: 'data' spans them
+    c.mesh.shard_optimizer_state = False  # ZeRO-1: split momentum over 'data' too (less memory, same losses)
     return c
 
 
@@ -118,18 +120,43 @@ def profile_range(config) -> tuple[int, int] | None:
     return _profile_range(config.profile_steps) if config.get("profile_steps") else None
 
 
-def _micro_batch_problem(optim_config, batch_size: int, data_devices: int) -> str | None:
+def _micro_batch_problem(optim_config, batch_size: int, num_devices: int) -> str | None:
     """Why each device's rows of the batch cannot be split into optim.grad_accum_steps micro-batches, or None.
     Splitting per device keeps every micro-batch spread over all devices, with no example moving between them."""
-    k, rows = optim.get(optim_config, "grad_accum_steps"), batch_size // data_devices
+    k, rows = optim.get(optim_config, "grad_accum_steps"), batch_size // num_devices
     if isinstance(k, int) and k > 1 and rows % k:
-        return (f"optim.grad_accum_steps={k} must divide each data-parallel device's {rows} examples of "
-                f"batch_size={batch_size} ({data_devices} devices)")
+        return (f"optim.grad_accum_steps={k} must divide each device's {rows} examples of "
+                f"batch_size={batch_size} ({num_devices} devices)")
     return None
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
+
+
+def _mesh_problems(config, num_devices: int) -> list[str]:
+    from alexnet_jax import models  # local, as in validate
+
+    model_axis, slices = config.mesh.model, config.mesh.get("num_slices", 1)
+    if model_axis < 1 or num_devices % model_axis:
+        return [f"mesh.model must divide the {num_devices} devices (got {model_axis})"]
+    hidden = models.hidden_features(config.model.width) if config.model.width > 0 else model_axis
+    if hidden % model_axis:
+        # fc6/fc7 would silently stay whole on every device: refuse rather than run a layout nobody asked for.
+        return [f"mesh.model={model_axis} must divide the fc6/fc7 width {hidden} "
+                f"(model.width={config.model.width})"]
+    if slices < 1 or (num_devices // model_axis) % slices:
+        return [f"mesh.num_slices={slices} must divide the {num_devices // model_axis} data-parallel devices"]
+    import jax
+
+    from alexnet_jax import sharding
+
+    if num_devices == jax.device_count():  # the devices at hand: the topology itself may refuse the grid
+        try:
+            sharding.mesh_for(config)
+        except ValueError as error:
+            return [str(error)]
+    return []
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1,
@@ -187,19 +214,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     for key in ("val_labels", "labels_file"):
         if d[key] and not os.path.isfile(d[key]):
             problems.append(f"data.{key}: no such file: {d[key]}")
-    if config.mesh.model < 1 or num_devices % config.mesh.model:
-        problems.append(f"mesh.model must divide the {num_devices} devices (got {config.mesh.model})")
-    data_devices = max(1, num_devices // max(1, config.mesh.model))
+    problems += _mesh_problems(config, num_devices)
     for key in ("batch_size", "eval_batch_size"):
         value = config[key]
         if key == "eval_batch_size" and value <= 0:
             continue
         if value <= 0:
             problems.append(f"{key} must be > 0 (got {value})")
-        elif value % data_devices or value % num_processes:
-            problems.append(f"{key}={value} must be divisible by the {data_devices} data-parallel devices"
-                                            f" and {num_processes} processes")
-        elif key == "batch_size" and (problem := _micro_batch_problem(config.optim, value, data_devices)):
+        elif value % num_devices or value % num_processes:
+            # The batch is split over every device, 'model' axis included (sharding.BATCH).
+            problems.append(f"{key}={value} must be divisible by the {num_devices} devices"
+                            f" and {num_processes} processes")
+        elif key == "batch_size" and (problem := _micro_batch_problem(config.optim, value, num_devices)):
             problems.append(problem)
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         problems.append("num_epochs must be > 0 when num_train_steps <= 0")

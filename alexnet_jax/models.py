@@ -15,6 +15,8 @@ weights without any extra machinery in the optimiser.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Callable, Mapping
 
@@ -39,6 +41,8 @@ _CONV_CHANNELS = {
 }
 _HIDDEN_FEATURES = 4096
 _POOLED_SIZE = (6, 6)
+# Set only while a multi-device step is traced (see fc_layout); None leaves the model layout-agnostic.
+_FC_LAYOUT = contextvars.ContextVar("fc_layout", default=None)
 
 
 def scaled_channels(channels: int, width: float) -> int:
@@ -48,6 +52,30 @@ def scaled_channels(channels: int, width: float) -> int:
     variants and ``original`` at any width stays splittable into its two towers.
     """
     return max(2, 2 * int(channels * width / 2 + 0.5))
+
+
+def hidden_features(width: float) -> int:
+    """Width of fc6 and fc7 at a width multiplier (4,096 at width 1)."""
+    return scaled_channels(_HIDDEN_FEATURES, width)
+
+
+@contextlib.contextmanager
+def fc_layout(features, hidden, classes, logits):
+    """Within this context, tracing the model pins the classifier's activations to these shardings: the
+    features entering fc6 to `features`, the outputs of fc6 and fc7 to `hidden`, fc8's to `classes`, and
+    then the logits it returns to `logits`.
+
+    This is the hinge of the "one weird trick" layout (sharding.py): convolutions split the batch over every
+    device, the classifier splits it over 'data' only and its weights over 'model', and the loss sees the
+    convolutions' layout again. Pinned activations (and so, by transposition, their gradients) leave XLA no
+    reason to move weights instead of activations. Predict and export trace the model without it and see no
+    mesh at all.
+    """
+    token = _FC_LAYOUT.set((features, hidden, classes, logits))
+    try:
+        yield
+    finally:
+        _FC_LAYOUT.reset(token)
 
 
 def max_pool(x: jax.Array) -> jax.Array:
@@ -192,7 +220,7 @@ class AlexNet(nnx.Module):
         self.space_to_depth = space_to_depth
 
         c1, c2, c3, c4, c5 = (scaled_channels(c, width) for c in _CONV_CHANNELS[variant])
-        hidden = scaled_channels(_HIDDEN_FEATURES, width)
+        hidden = hidden_features(width)
         flat = _POOLED_SIZE[0] * _POOLED_SIZE[1] * c5
         # The paper split conv2, conv4 and conv5 across two GPUs, each half seeing only its own half of the
         # previous layer; grouped convolutions keep exactly that connectivity (and parameter count) on one device.
@@ -306,18 +334,24 @@ class AlexNet(nnx.Module):
         # H-W-C order is the free reshape of NHWC. torchvision's fc6 expects C-H-W order; the interop layer
         # permutes fc6's kernel rows once at load time instead of transposing activations on every step.
         x = x.reshape(x.shape[0], -1)
+        layout = _FC_LAYOUT.get()
+
+        def pin(y, i):  # onto the i-th sharding of fc_layout, when one is set
+            return y if layout is None else jax.lax.with_sharding_constraint(y, layout[i])
+
+        x = pin(x, 0)
 
         x = self.dropout(x, rngs=rngs)
-        x = self.fc6(x)
+        x = pin(self.fc6(x), 1)
         x = self.bn6(x) if bn else x
         x = act(x)
 
         x = self.dropout(x, rngs=rngs)
-        x = self.fc7(x)
+        x = pin(self.fc7(x), 1)
         x = self.bn7(x) if bn else x
         x = act(x)
 
-        x = self.fc8(x)
+        x = pin(pin(self.fc8(x), 2), 3)
         # Softmax/cross-entropy in bfloat16 loses too much; the loss always sees float32 logits.
         return x.astype(jnp.float32)
 

@@ -1,8 +1,8 @@
 """Training and evaluation: a pure, jitted train step and the loop that feeds it.
 
 A batch's path: grain yields this process's uint8 slice (data/pipeline.py) -> `sharding.host_to_global` makes
-it one global array sharded over 'data' -> `train_step` normalises/flips it on the device, runs the model, and
-applies the optax update. Metrics stay on the device until a log step, so the host never waits on the step.
+it one global array split over every device -> `train_step` normalises/flips it on the device, runs the model,
+and applies the optax update. Metrics stay on the device until a log step, so the host never waits on the step.
 The step refuses non-finite updates on the device; at log steps `stability.Recovery` judges the row and may roll
 back to a good checkpoint (see stability.py).
 """
@@ -161,7 +161,8 @@ def abstract_train_state(config, mesh, tx) -> TrainState:
     """The train state as ShapeDtypeStructs carrying their mesh shardings: the target layout for both a fresh
     initialisation and a checkpoint restore, computed without allocating anything."""
     abstract = jax.eval_shape(_init_fn(config.model, tx), jax.random.key(config.seed))
-    shardings = sharding.tree_shardings(abstract, mesh)
+    shardings = sharding.train_state_shardings(
+        abstract, mesh, shard_optimizer_state=bool(config.mesh.get("shard_optimizer_state", False)))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
@@ -211,22 +212,36 @@ def evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=None) -> di
             "eval_top5": float(totals["top5"]) / count, "eval_examples": int(count)}
 
 
+def _with_fc_layout(fn, mesh, num_classes: int):
+    """`fn`, traced with the model's classifier laid out for the mesh (sharding.classifier_layout)."""
+    layout = sharding.classifier_layout(mesh, num_classes)
+
+    def traced(*args):
+        with models.fc_layout(*layout):
+            return fn(*args)
+
+    traced.__name__ = traced.__qualname__ = fn.func.__name__  # what profiles and HLO dumps call it
+    return traced
+
+
 def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
     """The jitted (train_step, eval_step) with explicit shardings; the train state is donated."""
     train_def, eval_def = models.model_graphdefs(config.model)
     dtype = models.compute_dtype(config.model.dtype)
+    step = functools.partial(train_step, graphdef=train_def, tx=tx, learning_rate_fn=learning_rate_fn,
+                             dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1), dtype=dtype,
+                             flip=config.data.random_flip, lighting_std=float(config.data.lighting_std),
+                             label_smoothing=float(optim.get(config.optim, "label_smoothing")),
+                             grad_accum_steps=int(optim.get(config.optim, "grad_accum_steps")),
+                             batch_sharding=sharding.batch_sharding(mesh))
     step_fn = jax.jit(
-        functools.partial(train_step, graphdef=train_def, tx=tx, learning_rate_fn=learning_rate_fn,
-                          dropout_key=jax.random.fold_in(jax.random.key(config.seed), 1), dtype=dtype,
-                          flip=config.data.random_flip, lighting_std=float(config.data.lighting_std),
-                          label_smoothing=float(optim.get(config.optim, "label_smoothing")),
-                          grad_accum_steps=int(optim.get(config.optim, "grad_accum_steps")),
-                          batch_sharding=sharding.batch_sharding(mesh)),
+        _with_fc_layout(step, mesh, config.model.num_classes),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)
     model_shardings = {"params": state_shardings.params, "batch_stats": state_shardings.batch_stats}
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef=eval_def, **eval_view_options(config)),
+    evaluate_batch = functools.partial(eval_step, graphdef=eval_def, **eval_view_options(config))
+    eval_fn = jax.jit(_with_fc_layout(evaluate_batch, mesh, config.model.num_classes),
                       in_shardings=(model_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.replicated(mesh))
     return step_fn, eval_fn
@@ -308,7 +323,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Raises stability.TrainingStopped when the stability guard gives up (main exits with code 3), Preempted after
     checkpointing on Ctrl-C, SIGTERM or a preemption notice.
     """
-    mesh = sharding.create_mesh(config.mesh.model)
+    try:
+        mesh = sharding.mesh_for(config)
+    except ValueError as error:  # e.g. a TPU topology that has no such grid
+        raise config_lib.ConfigError(str(error)) from None
     train_source, eval_source = _open_sources(config)
     steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
     total_steps = num_train_steps(config, len(train_source))
