@@ -10,7 +10,6 @@ stability rollback moves, kept in the optimizer state), so (config, checkpoint) 
 pipeline's position: nothing else is needed to resume exactly.
 """
 
-import os
 import signal
 import time
 
@@ -18,15 +17,19 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
+
+from alexnet_jax import storage
 
 ITEMS = ("model", "train", "meta")
 BEST_METRIC = "eval_top1"
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    """DIR/checkpoints, absolute when local; a gs:// workdir is passed to Orbax (tensorstore) unchanged."""
+    return storage.join(storage.absolute(workdir), "checkpoints")
 
 
 def create_manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -100,7 +103,7 @@ def restore_newest_good(manager: ocp.CheckpointManager, target_state, config: ml
     checkpoint from another model or optimizer is not damage: IncompatibleCheckpoint stops the run instead.
     """
     for step in sorted(manager.all_steps(), reverse=True):
-        directory = os.path.join(str(manager.directory), str(step))
+        directory = storage.join(manager.directory, str(step))
         try:
             meta = restore_meta(manager, step)
         except Exception:  # unreadable metadata is damage like any other: let the restore below report it
@@ -114,7 +117,7 @@ def restore_newest_good(manager: ocp.CheckpointManager, target_state, config: ml
             logging.warning("Checkpoint %s cannot be restored (%s: %s); moved it to %s and trying the one before",
                             directory, type(error).__name__, str(error).splitlines()[0][:300], aside)
             if jax.process_index() == 0:
-                os.rename(directory, aside)
+                epath.Path(directory).rename(aside)  # on GCS a copy then delete: Orbax no longer lists it
             # Every process must agree on what is left before any of them restores the next candidate.
             multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
             manager.reload()
@@ -145,7 +148,7 @@ def load_for_inference(workdir: str, step: int | None = None, mesh=None):
     """
     from alexnet_jax import sharding, train  # local: train imports this module
 
-    if not os.path.isdir(checkpoint_dir(workdir)):
+    if not epath.Path(checkpoint_dir(workdir)).is_dir():
         raise CheckpointNotFound(f"no checkpoints in {checkpoint_dir(workdir)}")
     manager = create_manager(workdir, read_only=True)
     try:
@@ -188,7 +191,7 @@ def save_for_inference(workdir: str, model_vars: dict, config: ml_collections.Co
         manager.wait_until_finished()
     finally:
         manager.close()
-    return os.path.join(checkpoint_dir(workdir), str(step))
+    return storage.join(checkpoint_dir(workdir), str(step))
 
 
 class PreemptionWatch:

@@ -278,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     step_fn, eval_fn = compile_steps(config, mesh, tx, learning_rate_fn, state_shardings)
 
-    writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=start_step)
     class_names = train_source.class_names
     logging.info("Training %s (width %g) for %d steps (%d per epoch), global batch %d on %d devices, mesh %s",
                  config.model.variant, config.model.width, total_steps, steps_per_epoch, config.batch_size,
@@ -330,6 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             stop_reason = preemption.reason(step)
             if step % config.checkpoint_every_steps == 0 or last or stop_reason:
                 save_checkpoint(manager, state, config, class_names, last_eval if evaluated_at == step else None)
+                writer.flush()  # the rows up to a checkpoint must outlive a kill (on GCS they are uploaded whole)
             if stop_reason:
                 manager.wait_until_finished()
                 raise Preempted(f"stopped at step {step} on {stop_reason}: checkpoint saved in "
