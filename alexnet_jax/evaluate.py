@@ -15,8 +15,8 @@ class, columns: predicted) beside the checkpoints as DIR/confusion_<step>.npy an
 
 import csv
 import functools
+import io
 import json
-import os
 import sys
 
 import jax
@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
-from alexnet_jax import checkpointing, cli, config as config_lib, metrics, sharding, train
+from alexnet_jax import checkpointing, cli, config as config_lib, metrics, sharding, storage, train
 from alexnet_jax.data import sources
 
 FLAGS = flags.FLAGS
@@ -122,13 +123,15 @@ def per_class_metrics(confusion: np.ndarray, class_names) -> dict:
 
 def save_confusion(confusion: np.ndarray, class_names, workdir: str, step: int) -> tuple[str, str]:
     """DIR/confusion_<step>.npy (exact counts) and .csv (with class names, for spreadsheets)."""
-    base = os.path.join(workdir, f"confusion_{step}")
-    np.save(base + ".npy", confusion)
-    with open(base + ".csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)  # quotes ImageNet names such as "tench, Tinca tinca"
-        writer.writerow(["true \\ predicted", *class_names])
-        for name, row in zip(class_names, confusion):
-            writer.writerow([name, *row.tolist()])
+    base = storage.join(workdir, f"confusion_{step}")
+    with epath.Path(base + ".npy").open("wb") as f:
+        np.save(f, confusion)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)  # quotes ImageNet names such as "tench, Tinca tinca"
+    writer.writerow(["true \\ predicted", *class_names])
+    for name, row in zip(class_names, confusion):
+        writer.writerow([name, *row.tolist()])
+    storage.write_text(base + ".csv", table.getvalue())
     return base + ".npy", base + ".csv"
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from alexnet_jax import checkpointing, cli, metrics, train
+from alexnet_jax import checkpointing, cli, metrics, storage, train
 from alexnet_jax.data import classes, pipeline
 
 FLAGS = flags.FLAGS
@@ -36,8 +36,7 @@ def define_flags() -> None:
 
 def load_image(path: str, image_size: int, resize_size: int, eval_crops: int = 1) -> np.ndarray:
     """A file -> exactly the host view evaluation used (RGB, EXIF-upright, short side resized, centre crop)."""
-    with open(path, "rb") as f:
-        return pipeline.eval_view(f.read(), image_size, resize_size, eval_crops)
+    return pipeline.eval_view(storage.read_bytes(path), image_size, resize_size, eval_crops)
 
 
 def probabilities_fn(config, eval_crops: int = 1):

@@ -32,6 +32,10 @@ def read_bytes(path) -> bytes:
         return f.read()
 
 
+def size(path) -> int:
+    return epath.Path(path).stat().length
+
+
 def write_text(path, text: str) -> None:
     """Writes a whole file so that readers see the old content or the new one, never a mix: locally a
     temporary file renamed over it; on GCS one upload, which replaces the object only once it is complete."""
