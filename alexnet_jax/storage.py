@@ -4,6 +4,7 @@ Every path a user gives (workdir, data paths, outputs) goes through here or stra
 nothing treats a URL as a local name: `os.path.abspath("gs://b/run")` is "./gs:/b/run", a folder on each host.
 """
 
+import logging
 import os
 
 from etils import epath
@@ -52,7 +53,10 @@ def problem(path, want: str = "exists") -> str | None:
     """None if `path` exists (and, with want="dir" / "file", is one), else one line saying what is wrong.
 
     A missing gs:// object, a missing bucket, a bucket that cannot be reached and a missing gcsfs all end up as
-    one readable line for `error:` messages instead of a traceback."""
+    one readable line for `error:` messages instead of a traceback. (gcsfs retries an unreachable endpoint for
+    about 30 s before giving up, and logs each failure with a traceback: those logs are held back here.)"""
+    gcsfs_log = logging.getLogger("gcsfs")
+    level, gcsfs_log.level = gcsfs_log.level, logging.CRITICAL
     try:
         p = epath.Path(path)
         if want == "dir" and p.is_dir():
@@ -63,12 +67,23 @@ def problem(path, want: str = "exists") -> str | None:
             return None
         if want != "exists" and p.exists():
             return f"not a {'directory' if want == 'dir' else 'file'}: {path}"
+        bucket = _bucket(path)
+        if bucket is not None and not epath.Path(bucket).exists():
+            return f"no such bucket: {bucket} (in {path})"
         return f"no such {'directory' if want == 'dir' else 'file' if want == 'file' else 'file or directory'}: {path}"
     except ImportError as error:  # fsspec names the package to install
         return f"cannot read {path}: {error} (pip install -e '.[gcs]')"
     except Exception as error:  # gcsfs/aiohttp/google-auth raise many types for "cannot reach the bucket"
         first_line = (str(error).strip().splitlines() or [""])[0][:200]
         return f"cannot reach {path}: {type(error).__name__}: {first_line}"
+    finally:
+        gcsfs_log.setLevel(level)
+
+
+def _bucket(path) -> str | None:
+    """"gs://bucket" of a gs:// URL, else None."""
+    path = os.fspath(path)
+    return "gs://" + path[len("gs://"):].split("/", 1)[0] if path.startswith("gs://") else None
 
 
 def _filesystem(url: str):
