@@ -56,7 +56,8 @@ def problem(path, want: str = "exists") -> str | None:
     one readable line for `error:` messages instead of a traceback. (gcsfs retries an unreachable endpoint for
     about 30 s before giving up, and logs each failure with a traceback: those logs are held back here.)"""
     gcsfs_log = logging.getLogger("gcsfs")
-    level, gcsfs_log.level = gcsfs_log.level, logging.CRITICAL
+    level = gcsfs_log.level
+    gcsfs_log.setLevel(logging.CRITICAL)
     try:
         p = epath.Path(path)
         if want == "dir" and p.is_dir():

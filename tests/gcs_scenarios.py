@@ -8,9 +8,10 @@ below; nothing can leave the namespace anyway), runs the command lines of each s
 REPORT.json, which the test asserts on. Scenarios:
   resume   a digits run with --workdir=gs://... is SIGKILLed once a checkpoint is in the bucket, rerun with the
            same command; its losses against an uninterrupted (local) run; metrics.jsonl in the bucket
-  data     ImageFolder JPEGs uploaded to the bucket, converted to ArrayRecord shards in the bucket; both trained on
+  data     ImageFolder JPEGs (and a flat val folder with LOC_val_solution.csv) uploaded to the bucket, converted to
+           ArrayRecord shards in the bucket; both trained on
   errors   a missing object and a missing bucket as data paths
-  inference  predict and evaluate reading the gs:// workdir of `resume`
+  inference  predict, evaluate and export reading the gs:// workdir of `resume` (export writing to gs://)
 """
 
 import json
@@ -126,17 +127,26 @@ def scenario_resume(fs, tmp) -> dict:
 
 
 def write_jpegs(root: str) -> None:
-    """2 classes x 8 smooth colour pictures (JPEG keeps them close), an ImageFolder for train and val."""
+    """Smooth colour pictures (JPEG keeps them close) of 2 classes: train/<class>/ (8 each) and a flat val/ folder
+    of 16 labelled by LOC_val_solution.csv one level up, as in Kaggle's ImageNet layout."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(2):
-            os.makedirs(os.path.join(root, split, f"class_{c}"))
-            for j in range(8):
-                coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-                image = Image.fromarray(coarse).resize((72, 80), Image.Resampling.BICUBIC)
-                image.save(os.path.join(root, split, f"class_{c}", f"img_{j}.jpg"), quality=90)
+
+    def picture(path):
+        coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((72, 80), Image.Resampling.BICUBIC).save(path, quality=90)
+
+    os.makedirs(os.path.join(root, "val"))
+    truth = ["ImageId,PredictionString"]
+    for c in range(2):
+        os.makedirs(os.path.join(root, "train", f"class_{c}"))
+        for j in range(8):
+            picture(os.path.join(root, "train", f"class_{c}", f"img_{j}.jpg"))
+            picture(os.path.join(root, "val", f"val_{c}_{j}.JPEG"))
+            truth.append(f"val_{c}_{j},class_{c} 0 0 10 10")
+    with open(os.path.join(root, "LOC_val_solution.csv"), "w") as f:
+        f.write("\n".join(truth) + "\n")
 
 
 def scenario_data(fs, tmp) -> dict:
@@ -181,15 +191,21 @@ def scenario_errors(tmp) -> dict:
     }
 
 
-def scenario_inference(tmp) -> dict:
+def scenario_inference(fs, tmp) -> dict:
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digit = os.path.join(tmp, "digit.png")
     Image.fromarray((load_digits().images[0] * 255 / 16).astype(np.uint8)).convert("RGB").save(digit)
     workdir = f"gs://{BUCKET}/resume"
-    return {"predict": cli("alexnet_jax.predict", f"--workdir={workdir}", "--json", digit),
-            "evaluate": cli("alexnet_jax.evaluate", "--config=configs/digits.py", f"--workdir={workdir}", "--json")}
+    report = {"predict": cli("alexnet_jax.predict", f"--workdir={workdir}", "--json", digit),
+              "evaluate": cli("alexnet_jax.evaluate", "--config=configs/digits.py", f"--workdir={workdir}", "--json"),
+              "export": cli("alexnet_jax.export", f"--workdir={workdir}", f"--out=gs://{BUCKET}/export/model.bin",
+                            "--platforms=cpu")}
+    fs.invalidate_cache()
+    report["export_objects"] = sorted(p.split("/")[-1] for p in fs.ls(f"{BUCKET}/export")) if fs.exists(
+        f"{BUCKET}/export") else []
+    return report
 
 
 def main(report_path: str) -> None:
@@ -206,7 +222,7 @@ def main(report_path: str) -> None:
             os.makedirs(os.path.join(tmp, "errors"))
             for name, run in (("resume", lambda: scenario_resume(fs, tmp)), ("data", lambda: scenario_data(fs, tmp)),
                               ("errors", lambda: scenario_errors(os.path.join(tmp, "errors"))),
-                              ("inference", lambda: scenario_inference(tmp))):
+                              ("inference", lambda: scenario_inference(fs, tmp))):
                 started = time.time()
                 report[name] = run()
                 report[name]["seconds"] = round(time.time() - started, 1)

@@ -81,7 +81,7 @@ def test_missing_gs_data_is_one_error_line_and_exit_2(report, case, says):
     assert report["errors"]["written"] == []  # nothing written for a refused config
 
 
-def test_predict_and_evaluate_read_a_gs_workdir(report):
+def test_predict_evaluate_and_export_read_a_gs_workdir(report):
     inference = report["inference"]
     _ok(inference["predict"])
     predicted = json.loads(inference["predict"]["stdout"].strip().splitlines()[-1])
@@ -89,3 +89,5 @@ def test_predict_and_evaluate_read_a_gs_workdir(report):
     _ok(inference["evaluate"])
     evaluated = json.loads(inference["evaluate"]["stdout"].strip().splitlines()[-1])
     assert evaluated["checkpoint_step"] == 12 and evaluated["eval_examples"] == 359
+    _ok(inference["export"])
+    assert inference["export_objects"] == ["model.bin", "model.bin.json"]

@@ -161,6 +161,8 @@ def find_ground_truth(root: str) -> str | None:
             candidate = directory / name
             if candidate.is_file():
                 return os.fspath(candidate)
+        if storage.is_remote(root) and "/" not in os.fspath(directory).split("://", 1)[1]:
+            break  # searched the bucket itself: there is nothing above it
         directory = directory.parent
     return None
 
