@@ -34,7 +34,9 @@ def report(tmp_path_factory):
     run = subprocess.run(["unshare", "-n", sys.executable, "tests/gcs_scenarios.py", str(path)], cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     assert path.exists(), run.stderr[-3000:]
-    return json.loads(path.read_text())
+    report = json.loads(path.read_text())
+    assert set(report) == {"resume", "data", "errors", "inference"}, run.stderr[-3000:]  # none crashed
+    return report
 
 
 def _ok(result: dict) -> None:
@@ -45,6 +47,9 @@ def test_killed_gs_run_resumes_from_the_bucket_with_the_same_losses(report):
     resume = report["resume"]
     assert resume["killed_with"] == "SIGKILL" and resume["killed_rc"] == -9
     assert resume["checkpoints_after_kill"], "the kill came after a checkpoint was complete in the bucket"
+    # metrics.jsonl is uploaded whole at every checkpoint: the kill lost no row up to the checkpoint
+    saved = resume["checkpoints_after_kill"][-1]
+    assert [step for step, _ in resume["rows_after_kill"]][:saved] == list(range(1, saved + 1))
     _ok(resume["rerun"])
     assert resume["rerun"]["resumed"] == [
         f"Resumed from gs://alexnet-test/resume/checkpoints at step {resume['checkpoints_after_kill'][-1]}"]
