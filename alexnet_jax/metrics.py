@@ -21,9 +21,10 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsWriter:
     """metrics.jsonl and TensorBoard events in `workdir`, holding exactly one row per logged step.
 
-    `resume_step`: the step training restarts from (its checkpoint's; 0 for a fresh start). Rows past it were
-    written by an interrupted run after its last checkpoint and will be logged again, so they are dropped (from
-    metrics.jsonl here, from TensorBoard through the event files' purge marker).
+    `resume_step`: the step training restarts from (its checkpoint's; 0 for a fresh start). Train and eval rows
+    past it were written by an interrupted run after its last checkpoint and will be logged again, so they are
+    dropped (from metrics.jsonl here, from TensorBoard through the event files' purge marker). Rollback records
+    stay: the rollback they report still holds for the resumed run (its count, batch offset and learning rate).
 
     GCS objects cannot be appended to (an upload replaces the whole object), so for a gs:// workdir the rows are
     kept in memory and the whole file is uploaded again: at most every `flush_secs` (longer when uploads get
@@ -45,7 +46,7 @@ class MetricsWriter:
 
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             self._path = storage.join(workdir, METRICS_FILE)
-            kept = self._rows_up_to(resume_step)
+            kept = self._rows_kept(resume_step)
             if self._remote:
                 self._lines = kept
                 self._upload()
@@ -56,16 +57,17 @@ class MetricsWriter:
             # tensorboardX writes gs:// event files itself (google-cloud-storage), uploading them whole like above.
             self._tb = SummaryWriter(logdir=workdir, flush_secs=int(flush_secs), purge_step=int(resume_step) + 1)
 
-    def _rows_up_to(self, step: int) -> list[str]:
-        """The lines of an existing metrics.jsonl whose step is at most `step` (unparsable lines are dropped:
-        a line cut short by a crash)."""
+    def _rows_kept(self, step: int) -> list[str]:
+        """The lines of an existing metrics.jsonl at most at `step`, and rollback records (unparsable lines are
+        dropped: a line cut short by a crash)."""
         path = epath.Path(self._path)
         if not path.exists():
             return []
         kept = []
         for line in path.read_text().splitlines():
             try:
-                if int(json.loads(line)["step"]) <= step:
+                row = json.loads(line)
+                if int(row["step"]) <= step or "rollback_reason" in row:
                     kept.append(line + "\n")
             except (ValueError, KeyError, TypeError):
                 continue

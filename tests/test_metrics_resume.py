@@ -48,6 +48,7 @@ def test_writer_drops_rows_past_the_resume_step_and_purges_tensorboard(tmp_path)
     for step in range(1, 11):
         writer.write(step, {"train_loss": 1.0 / step})
     writer.write(10, {"eval_top1": 0.5})
+    writer.write(9, {"rollbacks": 1, "rollback_reason": "spike", "rolled_back_to": 4})
     writer.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 11, "train_lo')  # a line cut short by a kill
@@ -58,7 +59,8 @@ def test_writer_drops_rows_past_the_resume_step_and_purges_tensorboard(tmp_path)
     writer.close()
     assert _train_steps(tmp_path) == list(range(1, 9))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert rows[6] == {"step": 7, "train_loss": 2.0 / 7}  # the resumed run's values, not the old ones
+    assert rows[6]["rollback_reason"] == "spike"  # a rollback record stays: the rollback still holds
+    assert rows[7] == {"step": 7, "train_loss": 2.0 / 7}  # the resumed run's values, not the old ones
     newest = max((p for p in os.listdir(tmp_path) if "tfevents" in p), key=lambda p: os.path.getmtime(tmp_path / p))
     starts = [e.step for e in _events(tmp_path / newest) if e.HasField("session_log")]
     assert starts == [7]  # TensorBoard hides the older files' events at steps >= 7
