@@ -12,8 +12,10 @@ REPORT.json, which the test asserts on. Scenarios:
            ArrayRecord shards in the bucket; both trained on
   errors   a missing object and a missing bucket as data paths
   inference  predict, evaluate and export reading the gs:// workdir of `resume` (export writing to gs://)
+  import   import_torchvision from weights in the bucket to a gs:// --out, and predict from it (needs torch)
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -208,6 +210,21 @@ def scenario_inference(fs, tmp) -> dict:
     return report
 
 
+def scenario_import(fs, tmp) -> dict:
+    """torchvision-layout weights in the bucket -> import_torchvision --out=gs:// -> predict from there."""
+    if importlib.util.find_spec("torch") is None:
+        return {"skipped": "torch is not installed"}
+    import torch
+    from test_interop import torchvision_alexnet
+
+    weights = os.path.join(tmp, "alexnet.pth")
+    torch.save(torchvision_alexnet(width=0.0625, num_classes=10, seed=2).state_dict(), weights)
+    fs.put(weights, f"{BUCKET}/weights/alexnet.pth")
+    out = f"gs://{BUCKET}/imported"
+    return {"import": cli("alexnet_jax.import_torchvision", f"gs://{BUCKET}/weights/alexnet.pth", f"--out={out}"),
+            "predict": cli("alexnet_jax.predict", f"--workdir={out}", "--json", os.path.join(tmp, "digit.png"))}
+
+
 def main(report_path: str) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     port = free_port()
@@ -222,7 +239,8 @@ def main(report_path: str) -> None:
             os.makedirs(os.path.join(tmp, "errors"))
             for name, run in (("resume", lambda: scenario_resume(fs, tmp)), ("data", lambda: scenario_data(fs, tmp)),
                               ("errors", lambda: scenario_errors(os.path.join(tmp, "errors"))),
-                              ("inference", lambda: scenario_inference(fs, tmp))):
+                              ("inference", lambda: scenario_inference(fs, tmp)),
+                              ("import", lambda: scenario_import(fs, tmp))):
                 started = time.time()
                 report[name] = run()
                 report[name]["seconds"] = round(time.time() - started, 1)

@@ -35,7 +35,7 @@ def report(tmp_path_factory):
                          capture_output=True, text=True, timeout=900)
     assert path.exists(), run.stderr[-3000:]
     report = json.loads(path.read_text())
-    assert set(report) == {"resume", "data", "errors", "inference"}, run.stderr[-3000:]  # none crashed
+    assert set(report) == {"resume", "data", "errors", "inference", "import"}, run.stderr[-3000:]  # none crashed
     return report
 
 
@@ -96,3 +96,13 @@ def test_predict_evaluate_and_export_read_a_gs_workdir(report):
     assert evaluated["checkpoint_step"] == 12 and evaluated["eval_examples"] == 359
     _ok(inference["export"])
     assert inference["export_objects"] == ["model.bin", "model.bin.json"]
+
+
+def test_import_torchvision_writes_to_gs_and_predict_reads_it(report):
+    if "skipped" in report["import"]:
+        pytest.skip(report["import"]["skipped"])
+    _ok(report["import"]["import"])
+    assert "wrote gs://alexnet-test/imported/checkpoints/0" in report["import"]["import"]["stdout"]
+    _ok(report["import"]["predict"])
+    predicted = json.loads(report["import"]["predict"]["stdout"].strip().splitlines()[-1])
+    assert predicted["checkpoint_step"] == 0 and len(predicted["predictions"][0]["top"]) == 5
