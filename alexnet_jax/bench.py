@@ -45,6 +45,7 @@ measured on (platform, device kind, count) and the load average, as timings on a
 
 import argparse
 import gc
+import io
 import json
 import os
 import platform
@@ -53,6 +54,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from alexnet_jax import storage
 
 # A spread of the commonest ImageNet train sizes (width, height); most photos are 500 px on the long side.
 IMAGENET_LIKE_SIZES = ((500, 375), (500, 333), (375, 500), (500, 400), (400, 300), (500, 500), (640, 480))
@@ -100,7 +103,7 @@ def pil_baseline(paths: list[str], image_size: int, resize_size: int, seed: int 
     rng = np.random.default_rng(seed)
 
     def one(path):
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as image:  # the timed read, local or gs://
             image = image.convert("RGB")
             w, h = image.size
             scale = resize_size / min(w, h)
@@ -209,7 +212,7 @@ def run_pipeline(args) -> dict:
             print(f"writing {args.images} JPEGs to {tmp} ...", file=sys.stderr)
             paths = write_jpegs(tmp, args.images)
             source = imagefolder.ImageFolderSource(tmp)
-        sizes = [os.path.getsize(p) for p in paths]
+        sizes = [storage.size(p) for p in paths]
         print(f"pil baseline over {len(paths)} files ...", file=sys.stderr)
         baseline = pil_baseline(paths, args.image_size, args.resize_size)
         kwargs = dict(batch_size=args.batch_size, images=max(len(paths), 2 * args.batch_size),
@@ -514,8 +517,8 @@ def run_e2e(args, config) -> dict:
 
     if args.workers is not None:
         config.data.workers = args.workers
-    if args.data and not os.path.isdir(args.data):
-        raise UsageError(f"--data: no such directory: {args.data}")
+    if args.data and (problem := storage.problem(args.data, "dir")):
+        raise UsageError(f"--data: {problem}")
     with tempfile.TemporaryDirectory(prefix="alexnet_bench_") as tmp:
         config.data.source = "imagefolder"
         config.data.train_path = config.data.eval_path = args.data or tmp
@@ -528,7 +531,7 @@ def run_e2e(args, config) -> dict:
         except ValueError as error:
             raise UsageError(f"data: {error}") from None
         sample = [source.name(i) for i in range(0, len(source), max(1, len(source) // 64))]
-        sizes = [os.path.getsize(path) for path in sample]
+        sizes = [storage.size(path) for path in sample]
         return _fed_loop("e2e", args, config, source, {
             "data": args.data or "synthetic JPEGs (ImageNet-like sizes)", "images": len(source),
             "mean_file_kb": round(float(np.mean(sizes)) / 1024, 1)})
@@ -634,8 +637,8 @@ RUNNERS = {"step": run_step, "loop": run_loop, "e2e": run_e2e}
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "pipeline":
-        if args.data and not os.path.isdir(args.data):
-            print(f"error: --data: no such directory: {args.data}", file=sys.stderr)
+        if args.data and (problem := storage.problem(args.data, "dir")):
+            print(f"error: --data: {problem}", file=sys.stderr)
             return 2
         result = run_pipeline(args)
     else:

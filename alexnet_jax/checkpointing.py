@@ -19,17 +19,19 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from alexnet_jax import models, sharding
+from alexnet_jax import models, sharding, storage
 
 ITEMS = ("model", "train", "meta")
 BEST_METRIC = "eval_top1"
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    """DIR/checkpoints, absolute when local; a gs:// workdir is passed to Orbax (tensorstore) unchanged."""
+    return storage.join(storage.absolute(workdir), "checkpoints")
 
 
 def create_manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -116,7 +118,7 @@ def restore_newest_good(manager: ocp.CheckpointManager, target_state, config: ml
     step is unusable before any moves on, and so restore the same step.
     """
     for step in sorted(manager.all_steps(), reverse=True):
-        directory = os.path.join(str(manager.directory), str(step))
+        directory = storage.join(manager.directory, str(step))
         try:
             meta = restore_meta(manager, step)
         except Exception:  # unreadable metadata is damage like any other: let the restore below report it
@@ -139,7 +141,7 @@ def restore_newest_good(manager: ocp.CheckpointManager, target_state, config: ml
                         directory, why or "another process could not read its part", aside)
         multihost_utils.sync_global_devices(f"checkpoint {step} judged")  # same `aside` name on every process
         if jax.process_index() == 0:
-            os.rename(directory, aside)
+            epath.Path(directory).rename(aside)  # on GCS a copy then delete: Orbax no longer lists it
         # Every process must agree on what is left before any of them restores the next candidate.
         multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
         manager.reload()
@@ -168,7 +170,7 @@ def load_for_inference(workdir: str, step: int | None = None, mesh=None):
     checkpoint that has none (see `save_for_inference`) loads the same way. `config` is the checkpoint's own: it
     describes the model that was trained.
     """
-    if not os.path.isdir(checkpoint_dir(workdir)):
+    if not epath.Path(checkpoint_dir(workdir)).is_dir():
         raise CheckpointNotFound(f"no checkpoints in {checkpoint_dir(workdir)}")
     manager = create_manager(workdir, read_only=True)
     try:
@@ -211,7 +213,7 @@ def save_for_inference(workdir: str, model_vars: dict, config: ml_collections.Co
         manager.wait_until_finished()
     finally:
         manager.close()
-    return os.path.join(checkpoint_dir(workdir), str(step))
+    return storage.join(checkpoint_dir(workdir), str(step))
 
 
 class PreemptionWatch:

@@ -5,11 +5,9 @@ batch_size, model.*, data.*, optim.*, mesh.model, ...) are relied on by users' s
 them.
 """
 
-import os
-
 import ml_collections
 
-from alexnet_jax import optim
+from alexnet_jax import optim, storage
 
 SOURCES = ("digits", "synthetic", "imagefolder", "arrayrecord")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -191,9 +189,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
             path = d[key]
             if not path:
                 problems.append(f"data.{key} must be set for data.source={d.source!r}")
-            elif not os.path.exists(path):
-                problems.append(f"data.{key}: no such file or directory: {path}")
-            elif d.source == "arrayrecord" and not os.path.isfile(os.path.join(path, "manifest.json")):
+            elif (problem := storage.problem(path)) is not None:  # local, or gs:// (bucket reachable, object there)
+                problems.append(f"data.{key}: {problem}")
+            elif d.source == "arrayrecord" and storage.problem(storage.join(path, "manifest.json"), "file"):
                 problems.append(f"data.{key}: {path} has no manifest.json (convert it with alexnet_jax.data.convert)")
     if d.image_size < 64:
         problems.append(f"data.image_size must be >= 64 (got {d.image_size})")
@@ -212,8 +210,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         problems.append(f"data.eval_crops must be one of {', '.join(map(str, pipeline.EVAL_CROPS))} "
                         f"(got {d.eval_crops})")
     for key in ("val_labels", "labels_file"):
-        if d[key] and not os.path.isfile(d[key]):
-            problems.append(f"data.{key}: no such file: {d[key]}")
+        if d[key] and (problem := storage.problem(d[key], "file")) is not None:
+            problems.append(f"data.{key}: {problem}")
     problems += _mesh_problems(config, num_devices)
     for key in ("batch_size", "eval_batch_size"):
         value = config[key]

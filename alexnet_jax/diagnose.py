@@ -17,7 +17,6 @@ the per-step curves, and `--json` prints {"runs": [...], ...} as the last line.
 
 import json
 import math
-import os
 import sys
 import time
 
@@ -25,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import cli, metrics, optim, sharding, stability, train
+from alexnet_jax import cli, metrics, optim, sharding, stability, storage, train
 from alexnet_jax.data import pipeline, sources
 
 FLAGS = flags.FLAGS
@@ -141,7 +141,8 @@ def plot(runs: list[dict], path: str) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8, title="x: non-finite")
     fig.tight_layout(rect=(0, 0, 0.85, 1))
-    fig.savefig(path, dpi=110)
+    with epath.Path(path).open("wb") as f:  # local or gs://
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -182,11 +183,11 @@ def diagnose(config, workdir: str, *, learning_rates, variants, activations, cli
             logging.info("%s/%s: %d runs of %d steps in %.1f s", variant, activation, len(group), steps,
                          time.perf_counter() - start)
             runs += group
-    os.makedirs(workdir, exist_ok=True)
-    png = os.path.join(workdir, "diagnose.png")
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    png = storage.join(workdir, "diagnose.png")
     plot(runs, png)
-    with open(os.path.join(workdir, "diagnose.json"), "w") as f:
-        json.dump({"runs": [{k: _plain(v) for k, v in r.items()} for r in runs]}, f)
+    storage.write_text(storage.join(workdir, "diagnose.json"),
+                       json.dumps({"runs": [{k: _plain(v) for k, v in r.items()} for r in runs]}))
     return {"runs": runs, "plot": png}
 
 

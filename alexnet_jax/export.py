@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from etils import epath
 
-from alexnet_jax import checkpointing, cli, inference, metrics
+from alexnet_jax import checkpointing, cli, inference, metrics, storage
 from alexnet_jax.data import transforms
 
 FLAGS = flags.FLAGS
@@ -91,7 +91,7 @@ def describe(config, class_names, step: int, exported: jax.export.Exported, work
         # than the training data had classes).
         "class_names": list(class_names),
         "model": config.model.to_dict(),
-        "checkpoint": {"workdir": workdir if "://" in workdir else os.path.abspath(workdir), "step": int(step)},
+        "checkpoint": {"workdir": storage.absolute(workdir), "step": int(step)},
     }
 
 
@@ -117,15 +117,19 @@ def main(argv):
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_USAGE
     exported = export_model(config, model_vars, batch=FLAGS.batch, platforms=FLAGS.platforms)
-    out = epath.Path(FLAGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename: a reader never sees half a file, and an interrupted export leaves the old one intact.
-    serialized = exported.serialize()
+    epath.Path(storage.absolute(FLAGS.out)).parent.mkdir(parents=True, exist_ok=True)
+    # A reader never sees half a file, and an interrupted export leaves the old one intact: locally written then
+    # renamed; on gs:// one upload, which replaces the object only when complete.
     sidecar = json.dumps(describe(config, class_names, step, exported, FLAGS.workdir), indent=1) + "\n"
-    for path, content in ((out, serialized), (epath.Path(f"{FLAGS.out}.json"), sidecar.encode())):
-        tmp = epath.Path(f"{path}.tmp")
-        tmp.write_bytes(content)
-        tmp.replace(path)
+    serialized = exported.serialize()
+    for path, content in ((FLAGS.out, serialized), (FLAGS.out + ".json", sidecar.encode())):
+        if storage.is_remote(path):
+            epath.Path(path).write_bytes(content)
+            continue
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(content)
+        os.replace(tmp, path)
     batch = "any" if FLAGS.batch is None else FLAGS.batch
     print(f"wrote {FLAGS.out} ({len(serialized) / 2**20:.1f} MiB; checkpoint {step}, batch {batch}, "
           f"{config.data.image_size} px, platforms {','.join(exported.platforms)}) and {FLAGS.out}.json")

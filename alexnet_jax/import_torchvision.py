@@ -13,15 +13,15 @@ its names. Without it, a 1000-class model gets ImageNet's WordNet ids (torchvisi
 shows with their words, and any other model gets placeholders class_0, class_1, ...
 """
 
-import os
 import pickle
 import sys
 
 import jax
 from absl import app, flags
+from etils import epath
 from flax import nnx
 
-from alexnet_jax import checkpointing, cli, config as config_lib, interop, metrics, models, sharding
+from alexnet_jax import checkpointing, cli, config as config_lib, interop, metrics, models, sharding, storage
 from alexnet_jax.data import classes
 
 FLAGS = flags.FLAGS
@@ -42,8 +42,7 @@ EXIT_BAD_USAGE = cli.EXIT_BAD_USAGE
 
 
 def read_class_names(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    return [line.strip() for line in epath.Path(path).read_text().splitlines() if line.strip()]
 
 
 def infer_layout(state_dict) -> tuple[float, int]:
@@ -65,7 +64,7 @@ def import_state_dict(state_dict, out: str, *, num_classes: int | None = None, c
     if num_classes is not None and num_classes != found_classes:
         raise ValueError(f"--num_classes={num_classes} but state_dict['classifier.6.weight'] has "
                          f"{found_classes} rows")
-    extra_meta = {"imported_from": os.path.abspath(source) if source else "torchvision state dict"}
+    extra_meta = {"imported_from": storage.absolute(source) if source else "torchvision state dict"}
     if class_names is None and found_classes == 1000:
         # ImageNet's wnids in torchvision's label order: the names an ImageFolder-trained checkpoint stores too,
         # which predict shows with their words.
@@ -105,12 +104,13 @@ def main(argv):
         print("error: this command needs torch: pip install 'alexnet_jax[torch]'", file=sys.stderr)
         return EXIT_BAD_USAGE
     target = checkpointing.checkpoint_dir(FLAGS.out)
-    if os.path.isdir(target) and os.listdir(target):
+    if epath.Path(target).is_dir() and any(epath.Path(target).iterdir()):
         print(f"error: {target} already holds checkpoints; not overwriting them", file=sys.stderr)
         return EXIT_BAD_USAGE
     try:
         class_names = read_class_names(FLAGS.class_names) if FLAGS.class_names else None
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        with epath.Path(path).open("rb") as f:  # a local file or a gs:// object
+            state_dict = torch.load(f, map_location="cpu", weights_only=True)
         directory = import_state_dict(state_dict, FLAGS.out, num_classes=FLAGS.num_classes, class_names=class_names,
                                       image_size=FLAGS.image_size, resize_size=FLAGS.resize_size, source=path)
     except (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError) as error:

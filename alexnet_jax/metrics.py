@@ -1,45 +1,115 @@
 """Where numbers go: one console line per log step, DIR/metrics.jsonl (contract), TensorBoard events in DIR.
 
 Only process 0 writes; the others get a writer that drops everything, so callers never branch on the process.
+DIR may be local or gs:// (see MetricsWriter for how metrics.jsonl is kept whole on GCS).
 """
 
 import contextlib
 import json
 import logging as std_logging
 import math
-import os
 import time
 import types
 
 import numpy as np
 from absl import logging
+from etils import epath
+
+from alexnet_jax import storage
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsWriter:
+    """metrics.jsonl and TensorBoard events in `workdir`, holding exactly one row per logged step.
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    `resume_step`: the step training restarts from (its checkpoint's; 0 for a fresh start). Train and eval rows
+    past it were written by an interrupted run after its last checkpoint and will be logged again, so they are
+    dropped (from metrics.jsonl here, from TensorBoard through the event files' purge marker). Rollback records
+    stay: the rollback they report still holds for the resumed run (its count, batch offset and learning rate).
+
+    GCS objects cannot be appended to (an upload replaces the whole object), so for a gs:// workdir the rows are
+    kept in memory and the whole file is uploaded again: at most every `flush_secs` (longer when uploads get
+    slow), at every `flush()` (the trainer calls it when it saves a checkpoint, so the rows up to a checkpoint
+    are never lost) and at `close()`. An upload replaces the object only once it is complete, so the object
+    always holds a whole file. A local file is appended to, one line at a time.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0, flush_secs: float = 30.0):
         self._enabled = enabled
+        self._remote = storage.is_remote(workdir)
+        self._flush_secs = flush_secs
         self._jsonl = None
         self._tb = None
+        self._lines: list[str] = []  # gs:// only: the whole file
+        self._uploaded_at, self._upload_secs, self._dirty = time.monotonic(), 0.0, False
         if enabled:
             from tensorboardX import SummaryWriter  # heavy import, only the writing process pays it
 
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-            self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+            self._path = storage.join(workdir, METRICS_FILE)
+            kept = self._rows_kept(resume_step)
+            if self._remote:
+                self._lines = kept
+                self._upload()
+            else:
+                storage.write_text(self._path, "".join(kept))
+                self._jsonl = open(self._path, "a", buffering=1)
+            # Events at steps >= purge_step from earlier runs in this directory are hidden by TensorBoard.
+            # tensorboardX writes gs:// event files itself (google-cloud-storage), uploading them whole like above.
+            self._tb = SummaryWriter(logdir=workdir, flush_secs=int(flush_secs), purge_step=int(resume_step) + 1)
+
+    def _rows_kept(self, step: int) -> list[str]:
+        """The lines of an existing metrics.jsonl at most at `step`, and rollback records (unparsable lines are
+        dropped: a line cut short by a crash)."""
+        path = epath.Path(self._path)
+        if not path.exists():
+            return []
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                if int(row["step"]) <= step or "rollback_reason" in row:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        return kept
 
     def write(self, step: int, scalars: dict) -> None:
         if not self._enabled:
             return
         row = {"step": int(step), **{k: plain(v) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            self._dirty = True
+            if time.monotonic() - self._uploaded_at > max(self._flush_secs, 20 * self._upload_secs):
+                self._upload()
+        else:
+            self._jsonl.write(line)
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(key, value, global_step=int(step))
 
+    def _upload(self) -> None:
+        started = time.monotonic()
+        storage.write_text(self._path, "".join(self._lines))
+        self._uploaded_at = time.monotonic()
+        self._upload_secs, self._dirty = self._uploaded_at - started, False
+
+    def flush(self) -> None:
+        """Makes every row written so far durable (and TensorBoard's events)."""
+        if not self._enabled:
+            return
+        if self._remote and self._dirty:
+            self._upload()
+        self._tb.flush()
+
     def close(self) -> None:
         if self._enabled:
-            self._jsonl.close()
+            self.flush()
+            if self._jsonl is not None:
+                self._jsonl.close()
             self._tb.close()
 
 

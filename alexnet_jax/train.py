@@ -368,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     step_fn, eval_fn = compile_steps(config, mesh, tx, learning_rate_fn, state_shardings)
 
-    writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    writer = metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=start_step)
     logging.info("Training %s (width %g, %d classes) for %d steps (%d per epoch), global batch %d on %d devices, "
                  "mesh %s", config.model.variant, config.model.width, config.model.num_classes, total_steps,
                  steps_per_epoch, config.batch_size, jax.device_count(), dict(mesh.shape))
@@ -436,6 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if step % config.checkpoint_every_steps == 0 or last or stop_reason or evaluated:
                 with throughput.paused():
                     save_checkpoint(manager, state, config, class_names, last_eval if evaluated else None)
+                    writer.flush()  # the rows up to a checkpoint must outlive a kill (on GCS they are uploaded whole)
             if stop_reason:
                 manager.wait_until_finished()
                 raise Preempted(f"stopped at step {step} on {stop_reason}: checkpoint saved in "

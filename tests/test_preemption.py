@@ -179,7 +179,7 @@ def test_checkpoint_of_another_train_state_layout_is_refused_not_moved_aside(tmp
     import optax
     import pytest
 
-    from alexnet_jax import checkpointing, config as config_lib, optim, sharding, stability, train
+    from alexnet_jax import checkpointing, config as config_lib, sharding, stability, train
     from conftest import tiny_config
 
     config = tiny_config()

@@ -11,7 +11,9 @@ reading a shard never executes anything it contains.
 Shards are written with `group_size:1`, so reading record i touches only record i (grain's global shuffle is
 random access); the source opens them through array_record's `ArrayRecordDataSource` (what
 `grain.sources.ArrayRecordDataSource` wraps, without importing jax -- the converter and its workers stay light),
-which reopens its readers lazily after being pickled into grain worker processes.
+which reopens its readers lazily after being pickled into grain worker processes. The directory may be a gs://
+URL: array_record's C++ reader opens gs:// objects itself (google-cloud-cpp, with the machine's default
+credentials) and reads each record by a ranged request; the manifest is read through epath.
 """
 
 import hashlib
@@ -21,6 +23,7 @@ import struct
 
 import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
+from etils import epath
 
 from alexnet_jax.data import decode
 
@@ -51,7 +54,7 @@ def decode_record(record: bytes) -> tuple[dict, memoryview]:
 
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -59,11 +62,10 @@ def file_sha256(path: str) -> str:
 
 def read_manifest(path: str) -> dict:
     """The manifest of a converted directory (or the manifest file itself)."""
-    manifest_path = os.path.join(path, MANIFEST) if os.path.isdir(path) else path
-    if not os.path.isfile(manifest_path):
+    manifest_path = epath.Path(path) / MANIFEST if epath.Path(path).is_dir() else epath.Path(path)
+    if not manifest_path.is_file():
         raise ValueError(f"{path}: no {MANIFEST} (not a finished conversion; rerun data.convert to finish it)")
-    with open(manifest_path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(manifest_path.read_text())
 
 
 class ArrayRecordSource:
@@ -71,17 +73,19 @@ class ArrayRecordSource:
     manifest on open (cheap, catches truncated copies); `verify()` also checks the sha256 of every shard."""
 
     def __init__(self, path: str):
-        self.root = path if os.path.isdir(path) else os.path.dirname(path)
+        self.root = path if epath.Path(path).is_dir() else os.fspath(epath.Path(path).parent)
         self.manifest = read_manifest(path)
         self.class_names = list(self.manifest["class_names"])
         self._paths = []
         for shard in self.manifest["shards"]:
-            shard_path = os.path.join(self.root, shard["file"])
-            if not os.path.isfile(shard_path):
-                raise ValueError(f"{shard_path}: shard listed in {MANIFEST} is missing")
-            if os.path.getsize(shard_path) != shard["bytes"]:
-                raise ValueError(f"{shard_path}: {os.path.getsize(shard_path)} bytes, the manifest says "
-                                 f"{shard['bytes']} (truncated or replaced)")
+            shard_path = os.path.join(self.root, shard["file"])  # posix joins keep a gs:// URL intact
+            try:
+                size = epath.Path(shard_path).stat().length
+            except FileNotFoundError:
+                raise ValueError(f"{shard_path}: shard listed in {MANIFEST} is missing") from None
+            if size != shard["bytes"]:
+                raise ValueError(f"{shard_path}: {size} bytes, the manifest says {shard['bytes']} "
+                                 "(truncated or replaced)")
             self._paths.append(shard_path)
         self._records = ArrayRecordDataSource(self._paths)
         if len(self._records) != self.manifest["num_examples"]:

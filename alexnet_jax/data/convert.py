@@ -11,6 +11,9 @@ Every file is decoded (EXIF orientation applied, any mode to RGB), its short sid
 (never up; 0 keeps the size), and stored re-encoded as JPEG or as raw uint8 pixels, with its label and name.
 Files that do not decode are skipped, one line each naming the file, and listed in the manifest.
 
+`--src` and `--dst` may be gs:// URLs: a shard bound for gs:// is written to a local temporary file (the
+ArrayRecord writer needs a local file), checksummed and uploaded, and appears in the bucket only once complete.
+
 The files are dealt to shards in a fixed shuffled order (seed `--seed`), so shards mix classes. Each shard is
 written to a temporary name, checksummed, renamed, and marked done with a small `<shard>.done.json`; rerunning
 the same command skips shards already done (resume after an interruption), then writes `manifest.json`: class
@@ -21,11 +24,15 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
+from etils import epath
 
+from alexnet_jax import storage
 from alexnet_jax.data import arrayrecord, decode, imagefolder
 
 STATE_FILE = "convert_state.json"
@@ -74,12 +81,13 @@ def _init_worker(source, progress):
 
 
 def convert_shard(task: dict) -> dict:
-    """Writes one shard (temp name -> checksum -> rename -> done marker); returns its done record."""
+    """Writes one shard (temp name -> checksum -> rename or upload -> done marker); returns its done record."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     source, progress = _worker["source"], _worker.get("progress")
-    final = os.path.join(task["dst"], task["file"])
-    temporary = final + ".tmp"
+    final = storage.join(task["dst"], task["file"])
+    remote = storage.is_remote(final)
+    temporary = os.path.join(tempfile.mkdtemp(prefix="convert-"), task["file"]) if remote else final + ".tmp"
     counts = np.zeros(len(source.class_names), np.int64)
     skipped = []
     writer = ArrayRecordWriter(temporary, arrayrecord.WRITER_OPTIONS)
@@ -102,24 +110,31 @@ def convert_shard(task: dict) -> dict:
     writer.close()
     done = {"file": task["file"], "num_records": written, "bytes": os.path.getsize(temporary),
             "sha256": arrayrecord.file_sha256(temporary), "class_counts": counts.tolist(), "skipped": skipped}
-    os.replace(temporary, final)
+    if remote:
+        _upload(temporary, final)
+        shutil.rmtree(os.path.dirname(temporary))
+    else:
+        os.replace(temporary, final)
     _write_json(final + ".done.json", done)
     return done
 
 
+def _upload(local: str, url: str) -> None:
+    """Streams a local file to gs:// in chunks (shards can be large); the object exists once it is complete."""
+    with open(local, "rb") as src, epath.Path(url).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+
+
 def _write_json(path: str, value) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
+    storage.write_text(path, json.dumps(value, indent=1))
 
 
 def _finished(dst: str, file: str) -> dict | None:
     """The done record of a shard whose file is intact (size as recorded), else None."""
-    marker = os.path.join(dst, file + ".done.json")
+    marker = epath.Path(dst, file + ".done.json")
     try:
-        with open(marker, encoding="utf-8") as f:
-            done = json.load(f)
-        return done if os.path.getsize(os.path.join(dst, file)) == done["bytes"] else None
+        done = json.loads(marker.read_text())
+        return done if epath.Path(dst, file).stat().length == done["bytes"] else None
     except (OSError, ValueError, KeyError):
         return None
 
@@ -151,8 +166,8 @@ def convert(args) -> dict:
     """Runs (or resumes) a conversion; returns the manifest."""
     class_names = None
     if args.classes_from:
-        manifest = os.path.join(args.classes_from, arrayrecord.MANIFEST)
-        if os.path.isfile(manifest) or args.classes_from.endswith(".json"):
+        manifest = epath.Path(args.classes_from, arrayrecord.MANIFEST)
+        if manifest.is_file() or args.classes_from.endswith(".json"):
             class_names = arrayrecord.read_manifest(args.classes_from)["class_names"]
         else:
             class_names = imagefolder.training_class_names(args.classes_from)
@@ -167,12 +182,11 @@ def convert(args) -> dict:
         raise
     if args.shards > len(source):
         raise ValueError(f"--shards={args.shards} is more than the {len(source)} files in {args.src}")
-    os.makedirs(args.dst, exist_ok=True)
+    epath.Path(args.dst).mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(source, args)
-    state_path = os.path.join(args.dst, STATE_FILE)
-    if os.path.exists(state_path):
-        with open(state_path, encoding="utf-8") as f:
-            previous = json.load(f)
+    state_path = epath.Path(args.dst, STATE_FILE)
+    if state_path.exists():
+        previous = json.loads(state_path.read_text())
         if previous != fingerprint:
             changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
             raise ValueError(f"{args.dst} holds a conversion with other {', '.join(changed)}; "
@@ -227,7 +241,7 @@ def convert(args) -> dict:
     skipped = [dict(s, shard=d["file"]) for d in shards for s in d["skipped"]]
     manifest = {
         "format_version": 1,
-        "source": os.path.abspath(args.src),
+        "source": storage.absolute(args.src),
         "class_names": source.class_names,
         "num_examples": int(sum(s["num_records"] for s in shards)),
         "class_counts": counts,
@@ -237,7 +251,7 @@ def convert(args) -> dict:
         "shards": [{k: s[k] for k in ("file", "num_records", "bytes", "sha256")} for s in shards],
         "skipped": skipped,
     }
-    _write_json(os.path.join(args.dst, arrayrecord.MANIFEST), manifest)
+    _write_json(storage.join(args.dst, arrayrecord.MANIFEST), manifest)
     print(f"wrote {manifest['num_examples']} examples of {len(source.class_names)} classes in {args.shards} shards"
           f" to {args.dst}; {len(skipped)} unreadable file(s) skipped", file=sys.stderr)
     return manifest
@@ -267,8 +281,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not os.path.isdir(args.src):
-        print(f"error: --src: no such directory: {args.src}", file=sys.stderr)
+    problem = storage.problem(args.src, "dir")
+    if problem is not None:
+        print(f"error: --src: {problem}", file=sys.stderr)
         return 2
     try:
         convert(args)

