@@ -115,7 +115,9 @@ def restore_newest_good(manager: ocp.CheckpointManager, target_state, config: ml
     Nothing is deleted, and the bad step can no longer block a later save of the same step number. A readable
     checkpoint from another model or optimizer is not damage: IncompatibleCheckpoint stops the run instead.
     Each process reads only its own shards, so damage may show on one process alone: all of them agree that a
-    step is unusable before any moves on, and so restore the same step.
+    step is unusable before any moves on, and so restore the same step. (A restore that fails on one process only
+    can still leave the others in a barrier inside Orbax's restore; on shared storage every process sees the
+    same damage.)
     """
     for step in sorted(manager.all_steps(), reverse=True):
         directory = storage.join(manager.directory, str(step))
