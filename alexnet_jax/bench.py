@@ -57,7 +57,7 @@ from alexnet_jax import cli
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "imagenet.py")
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (default: configs/imagenet.py); "
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: configs/imagenet.py); "
                                           "--config.KEY=VALUE overrides any key.", lock_config=True)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last stdout line.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps in each timed run (step, loop, e2e).", lower_bound=1)
@@ -622,5 +622,14 @@ def main(argv) -> int:
     return 0
 
 
+def with_default_config(argv: list[str]) -> list[str]:
+    """argv with --config=configs/imagenet.py added when it names no config. Not a flag default: config_flags
+    would load a default file at import, before --config.KEY overrides could be reported as one error line."""
+    if any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
+        return argv
+    return [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+
+
 if __name__ == "__main__":
+    sys.argv = with_default_config(sys.argv)
     cli.run(main)
