@@ -57,15 +57,21 @@ from alexnet_jax import cli
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "imagenet.py")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: configs/imagenet.py); "
-                                          "--config.KEY=VALUE overrides any key.", lock_config=True)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last stdout line.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps in each timed run (step, loop, e2e).", lower_bound=1)
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling (step, loop, e2e).", lower_bound=0)
-_WORKERS = flags.DEFINE_integer("workers", None, "Grain worker processes (loop, e2e: default data.workers, 0 "
-                                "decodes in this process; pipeline: default one per CPU).", lower_bound=0)
-_IMAGES = flags.DEFINE_integer("images", 512, "JPEGs to write and read (e2e, pipeline).", lower_bound=1)
-_DATA = flags.DEFINE_string("data", "", "Read an existing ImageFolder instead of written JPEGs (e2e, pipeline).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Called only when run as a command: importing this module (its helpers) defines no flags."""
+    config_flags.DEFINE_config_file("config", None, "Config file (default: configs/imagenet.py); "
+                                    "--config.KEY=VALUE overrides any key.", lock_config=True)
+    flags.DEFINE_bool("json", False, "Print one JSON object as the last stdout line.")
+    flags.DEFINE_integer("steps", 20, "Timed steps in each timed run (step, loop, e2e).", lower_bound=1)
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling (step, loop, e2e).", lower_bound=0)
+    flags.DEFINE_integer("workers", None, "Grain worker processes (loop, e2e: default data.workers, 0 decodes in "
+                         "this process; pipeline: default one per CPU).", lower_bound=0)
+    flags.DEFINE_integer("images", 512, "JPEGs to write and read (e2e, pipeline).", lower_bound=1)
+    flags.DEFINE_string("data", "", "Read an existing ImageFolder instead of written JPEGs (e2e, pipeline).")
+
 
 # A spread of the commonest ImageNet train sizes (width, height); most photos are 500 px on the long side.
 IMAGENET_LIKE_SIZES = ((500, 375), (500, 333), (375, 500), (500, 400), (400, 300), (500, 500), (640, 480))
@@ -215,9 +221,9 @@ class UsageError(Exception):
 
 
 def _data_dir() -> str:
-    if _DATA.value and not os.path.isdir(_DATA.value):
-        raise UsageError(f"--data: no such directory: {_DATA.value}")
-    return _DATA.value
+    if FLAGS.data and not os.path.isdir(FLAGS.data):
+        raise UsageError(f"--data: no such directory: {FLAGS.data}")
+    return FLAGS.data
 
 
 def raw_records(paths: list[str], directory: str, resize_size: int):
@@ -240,16 +246,16 @@ def run_pipeline(config) -> dict:
     from alexnet_jax.data import imagefolder
 
     data = _data_dir()
-    workers = _WORKERS.value or os.cpu_count() or 1
+    workers = FLAGS.workers or os.cpu_count() or 1
     image_size, resize_size = int(config.data.image_size), int(config.data.resize_size)
     batch_size, augment = int(config.batch_size), config.data.augment
     with tempfile.TemporaryDirectory(prefix="alexnet_bench_") as tmp:
         if data:
             source = imagefolder.ImageFolderSource(data)
-            paths = [source.name(i) for i in np.random.default_rng(0).permutation(len(source))[:_IMAGES.value]]
+            paths = [source.name(i) for i in np.random.default_rng(0).permutation(len(source))[:FLAGS.images]]
         else:
-            print(f"writing {_IMAGES.value} JPEGs to {tmp} ...", file=sys.stderr)
-            paths = write_jpegs(os.path.join(tmp, "jpeg"), _IMAGES.value)
+            print(f"writing {FLAGS.images} JPEGs to {tmp} ...", file=sys.stderr)
+            paths = write_jpegs(os.path.join(tmp, "jpeg"), FLAGS.images)
             source = imagefolder.ImageFolderSource(os.path.join(tmp, "jpeg"))
         sizes = [os.path.getsize(p) for p in paths]
         print(f"pil baseline over {len(paths)} files ...", file=sys.stderr)
@@ -505,7 +511,7 @@ def _fixed_batch(config, mesh):
 
 def _bench_step(config, total_steps: int):
     """Builds and times the bare step; returns (report without the fed run, mesh, state, compiled, flops)."""
-    steps, warmup = _STEPS.value, _WARMUP.value
+    steps, warmup = FLAGS.steps, FLAGS.warmup
     mesh, state, compiled, init_s, compile_s = build_step(config, total_steps)
     flops = step_flops(compiled)
     device = device_info()
@@ -521,7 +527,7 @@ def _bench_step(config, total_steps: int):
 def run_step(config) -> dict:
     config.data.source = "synthetic"  # nothing is read: validate must not ask for data paths
     _validated(config)
-    report, *_ = _bench_step(config, _WARMUP.value + 2 * _STEPS.value)
+    report, *_ = _bench_step(config, FLAGS.warmup + 2 * FLAGS.steps)
     return {"bench": "step", **report, "data": "one fixed on-device uint8 batch", **_host_info()}
 
 
@@ -533,7 +539,7 @@ def _fed_loop(bench: str, config, source, extra: dict) -> dict:
     from alexnet_jax import sharding
     from alexnet_jax.data import pipeline
 
-    steps, warmup = _STEPS.value, _WARMUP.value
+    steps, warmup = FLAGS.steps, FLAGS.warmup
     step_report, mesh, state, compiled, flops = _bench_step(config, 2 * (warmup + 2 * steps))
     start = time.perf_counter()
     batches = [pipeline.train_batches(
@@ -569,8 +575,8 @@ def run_loop(config) -> dict:
     from alexnet_jax.data import sources
 
     config.data.source = "synthetic"
-    if _WORKERS.value is not None:
-        config.data.workers = _WORKERS.value
+    if FLAGS.workers is not None:
+        config.data.workers = FLAGS.workers
     _validated(config)
     source = sources.create_source(config.data, "train", config.model.num_classes, config.seed)
     return _fed_loop("loop", config, source,
@@ -580,16 +586,16 @@ def run_loop(config) -> dict:
 def run_e2e(config) -> dict:
     from alexnet_jax.data import sources
 
-    if _WORKERS.value is not None:
-        config.data.workers = _WORKERS.value
+    if FLAGS.workers is not None:
+        config.data.workers = FLAGS.workers
     data = _data_dir()
     with tempfile.TemporaryDirectory(prefix="alexnet_bench_") as tmp:
         config.data.source = "imagefolder"
         config.data.train_path = config.data.eval_path = data or tmp
         _validated(config)  # before spending time on the files
         if not data:
-            print(f"writing {_IMAGES.value} JPEGs to {tmp} ...", file=sys.stderr)
-            write_jpegs(tmp, _IMAGES.value, seed=config.seed, classes=min(4, config.model.num_classes))
+            print(f"writing {FLAGS.images} JPEGs to {tmp} ...", file=sys.stderr)
+            write_jpegs(tmp, FLAGS.images, seed=config.seed, classes=min(4, config.model.num_classes))
         try:
             source = sources.create_source(config.data, "train", config.model.num_classes, config.seed)
         except ValueError as error:
@@ -611,13 +617,13 @@ def main(argv) -> int:
               file=sys.stderr)
         return cli.EXIT_BAD_USAGE
     try:
-        result = RUNNERS[argv[1]](_CONFIG.value)
+        result = RUNNERS[argv[1]](FLAGS.config)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return cli.EXIT_BAD_USAGE
     if argv[1] != "pipeline":
         _print_report(result)
-    if _JSON.value:
+    if FLAGS.json:
         print(json.dumps(result))
     return 0
 
@@ -631,5 +637,6 @@ def with_default_config(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    define_flags()
     sys.argv = with_default_config(sys.argv)
     cli.run(main)

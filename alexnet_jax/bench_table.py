@@ -16,8 +16,14 @@ from absl import flags
 
 from alexnet_jax import cli
 
-_LOGS = flags.DEFINE_string("logs", None, "Folder of the runs' outputs.", required=True)
-_OUT = flags.DEFINE_string("out", "", "Also write the table to this file.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Called only when run as a command: importing this module defines no flags."""
+    flags.DEFINE_string("logs", None, "Folder of the runs' outputs.", required=True)
+    flags.DEFINE_string("out", "", "Also write the table to this file.")
+
 
 HEADER = ("device", "model", "batch", "dtype", "JAX step img/s", "JAX loop img/s", "MFU", "PyTorch img/s",
           "JAX/PyTorch")
@@ -60,16 +66,17 @@ def main(argv) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return cli.EXIT_BAD_USAGE
-    if not os.path.isdir(_LOGS.value):
-        print(f"error: --logs: no such directory: {_LOGS.value}", file=sys.stderr)
+    if not os.path.isdir(FLAGS.logs):
+        print(f"error: --logs: no such directory: {FLAGS.logs}", file=sys.stderr)
         return cli.EXIT_BAD_USAGE
-    text = table(_LOGS.value)
+    text = table(FLAGS.logs)
     print(text, end="")
-    if _OUT.value:
-        with open(_OUT.value, "w", encoding="utf-8") as f:
+    if FLAGS.out:
+        with open(FLAGS.out, "w", encoding="utf-8") as f:
             f.write(text)
     return 0
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

@@ -22,17 +22,23 @@ from torch import nn
 
 from alexnet_jax import cli
 
-_VARIANT = flags.DEFINE_enum("variant", "owt", ["owt", "bn"], "AlexNet variant (as model.variant).")
-_WIDTH = flags.DEFINE_float("width", 1.0, "Channel width multiplier (as model.width).")
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Output classes.", lower_bound=1)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Batch size.", lower_bound=1)
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input side in pixels.", lower_bound=64)
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (autocast); parameters "
-                           "stay float32 as in the JAX model.")
-_COMPILE = flags.DEFINE_bool("compile", False, "Run the step under torch.compile.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.", lower_bound=1)
-_WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps first (compilation happens here).", lower_bound=0)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last stdout line.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Called only when run as a command: importing this module defines no flags."""
+    flags.DEFINE_enum("variant", "owt", ["owt", "bn"], "AlexNet variant (as model.variant).")
+    flags.DEFINE_float("width", 1.0, "Channel width multiplier (as model.width).")
+    flags.DEFINE_integer("num_classes", 1000, "Output classes.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 256, "Batch size.", lower_bound=1)
+    flags.DEFINE_integer("image_size", 224, "Input side in pixels.", lower_bound=64)
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (autocast); parameters "
+                      "stay float32 as in the JAX model.")
+    flags.DEFINE_bool("compile", False, "Run the step under torch.compile.")
+    flags.DEFINE_integer("steps", 20, "Timed steps.", lower_bound=1)
+    flags.DEFINE_integer("warmup", 5, "Untimed steps first (compilation happens here).", lower_bound=0)
+    flags.DEFINE_bool("json", False, "Print one JSON object as the last stdout line.")
+
 
 CONV_CHANNELS = (64, 192, 384, 256, 256)  # conv1..conv5 of the owt and bn layouts at width 1
 HIDDEN = 4096
@@ -157,17 +163,18 @@ def main(argv) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return cli.EXIT_BAD_USAGE
-    result = bench(_VARIANT.value, _BATCH_SIZE.value, _IMAGE_SIZE.value, _DTYPE.value, width=_WIDTH.value,
-                   num_classes=_NUM_CLASSES.value, compile_step=_COMPILE.value, steps=_STEPS.value,
-                   warmup=_WARMUP.value)
+    result = bench(FLAGS.variant, FLAGS.batch_size, FLAGS.image_size, FLAGS.dtype, width=FLAGS.width,
+                   num_classes=FLAGS.num_classes, compile_step=FLAGS.compile, steps=FLAGS.steps,
+                   warmup=FLAGS.warmup)
     print(f"torch {result['torch']} on {result['device']}: {result['variant']} width {result['width']:g} "
           f"{result['dtype']}{' compiled' if result['compile'] else ''}, {result['image_size']} px, batch "
           f"{result['global_batch']}: {result['img_per_s']:.1f} img/s, {result['ms_per_step']:.2f} ms/step  "
           f"[{result['device']}]")
-    if _JSON.value:
+    if FLAGS.json:
         print(json.dumps(result))
     return 0
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)
