@@ -4,7 +4,7 @@
         [--dtype=bfloat16|float32] [--compile] [--steps=20] [--warmup=5] [--json]
 
 The step is what the JAX train step does: a uint8 NHWC batch on the device -> random left-right flip ->
-normalise -> forward (channels_last; bf16 autocast when --dtype=bfloat16) -> cross-entropy -> backward ->
+PCA colour noise (sigma 0.1) -> normalise -> forward (channels_last; bf16 autocast when --dtype=bfloat16) -> cross-entropy -> backward ->
 clip at global norm -> SGD with momentum 0.9 and weight decay on weights only (as optim.py masks it). With
 --compile the step runs under torch.compile, the fastest PyTorch configuration on a GPU. Runs on CUDA when one is
 there, else on the CPU (small sizes only: the tests run it there). With --json the last stdout line is one JSON
@@ -44,6 +44,9 @@ CONV_CHANNELS = (64, 192, 384, 256, 256)  # conv1..conv5 of the owt and bn layou
 HIDDEN = 4096
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# transforms.IMAGENET_PCA_EIGVAL / _EIGVEC, repeated here so this module needs no jax
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 
 
 def scaled(channels: int, width: float) -> int:
@@ -91,12 +94,16 @@ def make_optimizer(model: nn.Module, learning_rate: float = 0.01, weight_decay: 
 def make_step(model, optimizer, device: torch.device, dtype: str, clip_norm: float = 10.0):
     mean = torch.tensor(MEAN_RGB, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STDDEV_RGB, device=device).view(1, 3, 1, 1)
+    eigval = torch.tensor(PCA_EIGVAL, device=device)
+    eigvec = torch.tensor(PCA_EIGVEC, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def step(images_uint8_nhwc, labels):
         x = images_uint8_nhwc.permute(0, 3, 1, 2).float()  # NCHW view of NHWC memory: channels_last already
         flip = torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5
         x = torch.where(flip, x.flip(3), x)
+        alpha = torch.randn(x.shape[0], 3, device=device) * 0.1
+        x = x + (255.0 * (alpha * eigval) @ eigvec.T).view(-1, 3, 1, 1)  # AlexNet's lighting noise
         x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
         with autocast:
             loss = nn.functional.cross_entropy(model(x).float(), labels)

@@ -25,6 +25,8 @@
 #   VARIANTS   models (default: "owt bn");  BATCHES  global batches (default: "256 1024")
 #   STEPS      timed steps per run (default: 30);  WORKERS  grain workers of the fed loop (default: nproc)
 #   RUN_TIMEOUT  seconds any one run may take before it is stopped (default: 100)
+#   BUDGET     seconds for everything, installation included (default: 470): a run gets at most what is left,
+#              and runs that would start with under 20 s left are skipped (their cells show "-")
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -37,6 +39,7 @@ BATCHES=${BATCHES:-256 1024}
 STEPS=${STEPS:-30}
 WORKERS=${WORKERS:-$(nproc)}
 RUN_TIMEOUT=${RUN_TIMEOUT:-100}
+BUDGET=${BUDGET:-470}
 DRY_RUN=${DRY_RUN:-0}
 
 say() { printf '+ %s\n' "$*" >&2; }
@@ -54,7 +57,13 @@ bench() {
   shift
   say "$@" ">" "$log"
   [[ $DRY_RUN == 1 ]] && return 0
-  timeout "$RUN_TIMEOUT" "$@" >"$log" || echo "warning: failed or timed out (see $log): $*" >&2
+  local left=$((BUDGET - SECONDS))
+  if ((left < 20)); then
+    echo "warning: skipped, ${BUDGET} s budget spent: $*" >&2
+    return 0
+  fi
+  timeout "$((left < RUN_TIMEOUT ? left : RUN_TIMEOUT))" "$@" >"$log" ||
+    echo "warning: failed or timed out (see $log): $*" >&2
 }
 
 if [[ -n ${WHEELS:-} ]]; then
@@ -69,7 +78,6 @@ else
 fi
 
 [[ $DRY_RUN == 1 ]] || mkdir -p "$LOG_DIR"
-start=$SECONDS
 for variant in $VARIANTS; do
   for batch in $BATCHES; do
     bench "$LOG_DIR/jax_${variant}_${batch}.txt" "$PYTHON" -m alexnet_jax.bench loop --json \
@@ -81,4 +89,4 @@ for variant in $VARIANTS; do
 done
 
 run "$PYTHON" -m alexnet_jax.bench_table --logs="$LOG_DIR" --out="$OUT"
-[[ $DRY_RUN == 1 ]] || echo "done in $((SECONDS - start)) s; table in $OUT, logs in $LOG_DIR" >&2
+[[ $DRY_RUN == 1 ]] || echo "done in ${SECONDS} s; table in $OUT, logs in $LOG_DIR" >&2

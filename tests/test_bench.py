@@ -112,3 +112,31 @@ def test_bad_usage_exits_2_naming_the_flag(args, named):
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and named in errors[0], result.stderr
+
+
+def test_mfu_uses_the_peak_of_the_device_kind_and_is_unknown_elsewhere():
+    from alexnet_jax import bench
+
+    # device_kind strings as jax reports them
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_tflops("NVIDIA H200") == 989.0
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.peak_tflops("TPU v4") == 275.0
+    assert bench.peak_tflops("TPU v5 lite") == 197.0
+    assert bench.peak_tflops("TPU v5") == 459.0
+    assert bench.peak_tflops("TPU v6 lite") == 918.0
+    assert bench.peak_tflops("cpu") is None
+    # 494.5 TFLOP in a 1 s step on a 989 TFLOP/s chip: half its peak
+    assert bench.mfu(494.5e12, 1.0, "NVIDIA H100 80GB HBM3") == 0.5
+    assert bench.mfu(494.5e12, 1.0, "cpu") == "unknown"
+    assert bench.mfu(None, 1.0, "TPU v4") == "unknown"
+
+
+def test_the_default_config_is_added_only_when_none_is_named():
+    from alexnet_jax import bench
+
+    assert bench.with_default_config(["bench", "step"]) == ["bench", f"--config={bench.DEFAULT_CONFIG}", "step"]
+    for named in (["bench", "step", "--config=configs/digits.py"], ["bench", "--config", "c.py", "loop"]):
+        assert bench.with_default_config(named) == named
+    assert bench.with_default_config(["bench", "step", "--config.batch_size=8"])[1].startswith("--config=")
