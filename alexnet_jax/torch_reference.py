@@ -4,12 +4,12 @@
         [--dtype=bfloat16|float32] [--compile] [--steps=20] [--warmup=5] [--json]
 
 The step is what the JAX train step does: a uint8 NHWC batch on the device -> random left-right flip ->
-PCA colour noise (sigma 0.1) -> normalise -> forward (channels_last; bf16 autocast when --dtype=bfloat16) -> cross-entropy -> backward ->
-clip at global norm -> SGD with momentum 0.9 and weight decay on weights only (as optim.py masks it). With
---compile the step runs under torch.compile, the fastest PyTorch configuration on a GPU. Runs on CUDA when one is
-there, else on the CPU (small sizes only: the tests run it there). With --json the last stdout line is one JSON
-object: img_per_s, ms_per_step, step_gflops (forward + backward, from torch's FLOP counter), device, and the
-settings.
+PCA colour noise (sigma 0.1) -> normalise -> forward (channels_last; bf16 autocast when --dtype=bfloat16) ->
+cross-entropy -> backward -> clip at global norm -> SGD with momentum 0.9 and weight decay on weights only (as
+optim.py masks it). With --compile the step runs under torch.compile, the fastest PyTorch configuration on a GPU.
+Runs on CUDA when one is there, else on the CPU (small sizes only: the tests run it there). With --json the last
+stdout line is one JSON object: img_per_s, ms_per_step, step_gflops (forward + backward, from torch's FLOP
+counter), device, and the settings.
 """
 
 import json
@@ -85,8 +85,8 @@ class AlexNet(nn.Module):
 
 def make_optimizer(model: nn.Module, learning_rate: float = 0.01, weight_decay: float = 5e-4):
     """SGD, momentum 0.9, weight decay on conv and linear weights only (not biases or BatchNorm), as optim.py."""
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate, momentum=0.9)
 
