@@ -630,7 +630,8 @@ def main(argv) -> int:
 
 def with_default_config(argv: list[str]) -> list[str]:
     """argv with --config=configs/imagenet.py added when it names no config. Not a flag default: config_flags
-    would load a default file at import, before --config.KEY overrides could be reported as one error line."""
+    loads a default file as the flag is defined, where a bad --config.KEY override is a traceback instead of
+    cli's one error line."""
     if any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
         return argv
     return [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
