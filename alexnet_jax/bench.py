@@ -1,49 +1,46 @@
-"""Benchmarks: python -m alexnet_jax.bench {step,loop,pipeline,e2e} [--config=...] [--json]
+"""Benchmarks: python -m alexnet_jax.bench {step,loop,pipeline,e2e} [--config=FILE] [--config.KEY=VALUE ...] [--json]
 
-With --json the last stdout line is one JSON object.
+Flags are parsed as by every other command (absl, ml_collections config files with --config.KEY=VALUE
+overrides; default config: configs/imagenet.py). With --json the last stdout line is one JSON object. Every
+number is reported with the device it was measured on (platform, device kind, count) and the machine's load
+average, as timings on a busy machine are not comparable.
 
-pipeline: the host input pipeline against a plain Pillow loop, on the same JPEG files and the same cores.
-    python -m alexnet_jax.bench pipeline --json [--images=512] [--workers=N] [--data=IMAGEFOLDER]
-  Writes `--images` JPEGs of ImageNet-like sizes (~500x375, quality 90) to a temp dir (or reads an existing
-  ImageFolder with --data), then measures, one after the other:
-  - pil_baseline: one process looping Image.open -> convert("RGB") -> resize short side to 256 (bilinear) ->
-    random 224 crop -> numpy, the textbook per-image train transform;
-  - pipeline (1 worker): our train pipeline (alexnet_jax.data.pipeline.train_batches, the "alexnet" augment)
-    with one grain worker process -- the per-core comparison;
-  - pipeline: the same with `--workers` processes (default: one per CPU) -- how it scales -- next to the plain
-    loop run in as many processes at once (pil_baseline_parallel).
-  img/s are wall-clock; cpu_ms_per_img counts the CPU time of every process involved (Linux /proc), so
-  "per core" is a like-for-like number even on a busy machine.
+step: the compiled train step alone, the ceiling of what the device can do with this model. One fixed synthetic
+  uint8 batch is put on the device once; the step training runs (train.compile_steps: on-device
+  flip/lighting/normalise, forward, backward, optax update, donated state) is compiled ahead of time (compile_s),
+  run --warmup times, then --steps times with a single sync at the end (img_per_s, ms_per_step: the pipelined
+  rate training sees), then --steps times synced after each (ms_per_step_synced_median: one step's latency).
+  mfu: the compiled step's FLOPs (XLA's cost analysis) per second over the device's peak (see PEAK_TFLOPS;
+  "unknown" on devices not in that table, CPUs included).
 
-step: the compiled train step alone, the ceiling of what the device can do with this model.
-    python -m alexnet_jax.bench step --json [--config=configs/imagenet.py] [--config.KEY=VALUE ...]
-        [--steps=20] [--warmup=2]
-  One fixed synthetic uint8 batch is put on the device once; the step from train.compile_steps (the one
-  training runs: on-device flip/lighting/normalise, forward, backward, optax update, donated state) is compiled
-  ahead of time (compile_s), run `--warmup` times, then `--steps` times with a single block_until_ready at the
-  end (img_per_s, ms_per_step: the pipelined rate training sees), then `--steps` times more with a
-  block_until_ready after each (ms_per_step_synced_median: one step's latency, dispatch included; in loop and
-  e2e also the batch's fetch and transfer).
+loop: `step`, then the train loop fed from the host, in the same process on the same state, so their ratio
+  compares one moment: the synthetic source (random pixels: no files, no decode) through
+  pipeline.train_batches (crop, batching, --workers grain processes) and sharding.host_to_global into the same
+  step. As in training, metrics are fetched one log step late (config log_every_steps), so the loop never waits
+  for the device. Reports step_img_per_s, loop_img_per_s (= img_per_s) and loop_to_step.
 
-loop: the real host -> device loop of train.train_and_evaluate, without eval or checkpoints.
-    python -m alexnet_jax.bench loop --json [--config=...] [--config.KEY=VALUE ...] [--workers=N]
-  The `synthetic` source (random pixels: no files, no decode) through pipeline.train_batches (crop, batching,
-  grain workers) and sharding.host_to_global into the same step, so the host's share of a step shows:
-  host_ms_per_step is the time the loop spent getting and transferring each batch (it overlaps the device's
-  work when the host keeps ahead; compare img_per_s with `step`'s).
+e2e: `loop` from JPEG files: --images JPEGs of ImageNet-like sizes (~500x375) in a temp ImageFolder (or an
+  existing one, --data), read by the imagefolder source and decoded in the grain workers.
 
-e2e: `loop` from JPEG files: --images JPEGs of ImageNet-like sizes (~500x375, as `pipeline` writes them) in a
-  temp ImageFolder (or an existing one, --data), read by the imagefolder source and decoded in the grain workers.
-    python -m alexnet_jax.bench e2e --json [--config=...] [--config.KEY=VALUE ...] [--workers=N] [--images=512]
+pipeline: the host input pipeline against a plain Pillow loop on the same JPEG files and the same cores (no
+  device): pil_baseline (one process: open, RGB, short side to data.resize_size, random data.image_size crop);
+  pipeline_1worker (our train pipeline with one grain worker: the per-core comparison); pipeline (--workers
+  processes, default one per CPU) next to the Pillow loop in as many processes (pil_baseline_parallel); and
+  raw_records_1worker: the same files converted to raw-pixel ArrayRecords (`data.convert --format=raw`, short
+  side data.resize_size) read by the same pipeline with one worker -- no JPEG decode. cpu_ms_per_img counts the
+  CPU time of every process involved (Linux /proc), a like-for-like number even on a busy machine.
 
-step, loop and e2e read the config like training does (default configs/imagenet.py: width 1, 224 px, global
-batch 256): model.*, data.image_size/resize_size/augment/random_flip/lighting_std/workers, batch_size, optim.*,
-mesh.model apply; data.source is replaced by what the benchmark reads. `--workers` (loop, e2e) overrides
-data.workers, with its meaning: 0 decodes in this process. Every number is reported with the device it was
-measured on (platform, device kind, count) and the load average, as timings on a busy machine are not comparable.
+The config is read as training reads it: model.*, data.image_size/resize_size/augment/random_flip/lighting_std/
+workers, batch_size, optim.*, mesh.model apply; data.source is replaced by what the benchmark reads. --workers
+overrides data.workers (0 decodes in this process).
+
+examples:
+  python -m alexnet_jax.bench step --json --config.batch_size=128 --config.model.dtype=bfloat16
+  python -m alexnet_jax.bench loop --workers=8
+  python -m alexnet_jax.bench e2e --workers=8 --images=1024
+  python -m alexnet_jax.bench pipeline --json
 """
 
-import argparse
 import gc
 import io
 import json
@@ -54,8 +51,28 @@ import tempfile
 import time
 
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-from alexnet_jax import storage
+from alexnet_jax import cli, storage
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "imagenet.py")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Called only when run as a command: importing this module (its helpers) defines no flags."""
+    config_flags.DEFINE_config_file("config", None, "Config file (default: configs/imagenet.py); "
+                                    "--config.KEY=VALUE overrides any key.", lock_config=True)
+    flags.DEFINE_bool("json", False, "Print one JSON object as the last stdout line.")
+    flags.DEFINE_integer("steps", 20, "Timed steps in each timed run (step, loop, e2e).", lower_bound=1)
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling (step, loop, e2e).", lower_bound=0)
+    flags.DEFINE_integer("workers", None, "Grain worker processes (loop, e2e: default data.workers, 0 decodes in "
+                         "this process; pipeline: default one per CPU).", lower_bound=0)
+    flags.DEFINE_integer("images", 512, "JPEGs to write and read (e2e, pipeline).", lower_bound=1)
+    flags.DEFINE_string("data", "", "Read an existing ImageFolder instead of written JPEGs (e2e, pipeline).")
+
 
 # A spread of the commonest ImageNet train sizes (width, height); most photos are 500 px on the long side.
 IMAGENET_LIKE_SIZES = ((500, 375), (500, 333), (375, 500), (500, 400), (400, 300), (500, 500), (640, 480))
@@ -200,50 +217,91 @@ def machine_info() -> dict:
     return info
 
 
-def run_pipeline(args) -> dict:
+class UsageError(Exception):
+    """A bad flag or config value: main prints it as one `error:` line and exits 2."""
+
+
+def _data_dir() -> str:
+    if FLAGS.data and (problem := storage.problem(FLAGS.data, "dir")):
+        raise UsageError(f"--data: {problem}")
+    return FLAGS.data
+
+
+def raw_records(paths: list[str], directory: str, resize_size: int):
+    """The files converted by `data.convert --format=raw --resize=resize_size` into one shard under
+    `directory`, opened as the arrayrecord source reads them. The files are linked into an ImageFolder first, so
+    the converter reads exactly the timed files."""
+    from alexnet_jax.data import arrayrecord, convert
+
+    src, dst = os.path.join(directory, "raw_src"), os.path.join(directory, "raw_records")
+    for i, path in enumerate(paths):
+        folder = os.path.join(src, os.path.basename(os.path.dirname(path)))
+        os.makedirs(folder, exist_ok=True)
+        os.symlink(os.path.abspath(path), os.path.join(folder, f"{i:06d}_{os.path.basename(path)}"))
+    convert.convert(convert.parse_args([f"--src={src}", f"--dst={dst}", "--shards=1", "--format=raw",
+                                        f"--resize={resize_size}", "--workers=1"]))
+    return arrayrecord.ArrayRecordSource(dst)
+
+
+def run_pipeline(config) -> dict:
     from alexnet_jax.data import imagefolder
 
-    workers = args.workers or os.cpu_count() or 1
+    data = _data_dir()
+    workers = FLAGS.workers or os.cpu_count() or 1
+    image_size, resize_size = int(config.data.image_size), int(config.data.resize_size)
+    batch_size, augment = int(config.batch_size), config.data.augment
     with tempfile.TemporaryDirectory(prefix="alexnet_bench_") as tmp:
-        if args.data:
-            source = imagefolder.ImageFolderSource(args.data)
-            paths = [source.name(i) for i in np.random.default_rng(0).permutation(len(source))[:args.images]]
+        if data:
+            source = imagefolder.ImageFolderSource(data)
+            paths = [source.name(i) for i in np.random.default_rng(0).permutation(len(source))[:FLAGS.images]]
         else:
-            print(f"writing {args.images} JPEGs to {tmp} ...", file=sys.stderr)
-            paths = write_jpegs(tmp, args.images)
-            source = imagefolder.ImageFolderSource(tmp)
-        sizes = [storage.size(p) for p in paths]
+            print(f"writing {FLAGS.images} JPEGs to {tmp} ...", file=sys.stderr)
+            paths = write_jpegs(os.path.join(tmp, "jpeg"), FLAGS.images)
+            source = imagefolder.ImageFolderSource(os.path.join(tmp, "jpeg"))
+        sizes = [os.path.getsize(p) for p in paths]
         print(f"pil baseline over {len(paths)} files ...", file=sys.stderr)
-        baseline = pil_baseline(paths, args.image_size, args.resize_size)
-        kwargs = dict(batch_size=args.batch_size, images=max(len(paths), 2 * args.batch_size),
-                      image_size=args.image_size, resize_size=args.resize_size, augment=args.augment)
+        baseline = pil_baseline(paths, image_size, resize_size)
+        kwargs = dict(batch_size=batch_size, images=max(len(paths), 2 * batch_size), image_size=image_size,
+                      resize_size=resize_size, augment=augment)
         print(f"pil baseline in {workers} processes ...", file=sys.stderr)
-        baseline_parallel = pil_baseline_parallel(paths, args.image_size, args.resize_size, workers)
+        baseline_parallel = pil_baseline_parallel(paths, image_size, resize_size, workers)
         print("pipeline, 1 worker ...", file=sys.stderr)
         one = pipeline_throughput(source, workers=1, **kwargs)
         print(f"pipeline, {workers} workers ...", file=sys.stderr)
         many = pipeline_throughput(source, workers=workers, **kwargs)
+        print("converting the files to raw-pixel records ...", file=sys.stderr)
+        records = raw_records(paths, tmp, resize_size)
+        raw_kb = records.manifest["shards"][0]["bytes"] / len(records) / 1024
+        print("raw records, 1 worker ...", file=sys.stderr)
+        raw = pipeline_throughput(records, workers=1, **kwargs)
     result = {
         "bench": "pipeline",
         "pipeline_img_per_s": round(many["img_per_s"], 1),
         "pil_baseline_img_per_s": round(baseline["img_per_s"], 1),
         "pipeline_1worker_img_per_s": round(one["img_per_s"], 1),
         "pil_baseline_parallel_img_per_s": round(baseline_parallel["img_per_s"], 1),
+        "raw_records_1worker_img_per_s": round(raw["img_per_s"], 1),
         "pipeline_cpu_ms_per_img": round(many["cpu_ms_per_img"], 3),
         "pipeline_1worker_cpu_ms_per_img": round(one["cpu_ms_per_img"], 3),
         "pil_baseline_cpu_ms_per_img": round(baseline["cpu_ms_per_img"], 3),
+        "raw_records_1worker_cpu_ms_per_img": round(raw["cpu_ms_per_img"], 3),
         # > 1: the pipeline does an image with less CPU than the plain loop (the "per core" comparison)
         "per_core_speedup": round(baseline["cpu_ms_per_img"] / one["cpu_ms_per_img"], 3),
+        "raw_records_speedup": round(raw["img_per_s"] / baseline["img_per_s"], 3),
         "workers": workers,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "images": len(paths),
         "mean_file_kb": round(float(np.mean(sizes)) / 1024, 1),
-        "data": args.data or "synthetic JPEGs (ImageNet-like sizes)",
-        "augment": args.augment,
-        "image_size": args.image_size,
-        "resize_size": args.resize_size,
+        "raw_record_kb": round(raw_kb, 1),
+        "data": data or "synthetic JPEGs (ImageNet-like sizes)",
+        "augment": augment,
+        "image_size": image_size,
+        "resize_size": resize_size,
         **machine_info(),
     }
+    device = f"[{result['device']}]"
+    print(f"bench pipeline, load average {result.get('load_average_1m', '?')} on {result['cpu_count']} CPUs  "
+          f"{device}")
     print(f"pil baseline   {result['pil_baseline_img_per_s']:8.1f} img/s  "
           f"{result['pil_baseline_cpu_ms_per_img']:.2f} CPU ms/img (1 process)")
     print(f"pil baseline x{workers:<2d}{result['pil_baseline_parallel_img_per_s']:7.1f} img/s  "
@@ -252,54 +310,52 @@ def run_pipeline(args) -> dict:
           f"{result['pipeline_1worker_cpu_ms_per_img']:.2f} CPU ms/img (1 worker)")
     print(f"pipeline  x{workers:<3d}{result['pipeline_img_per_s']:8.1f} img/s  "
           f"{result['pipeline_cpu_ms_per_img']:.2f} CPU ms/img ({workers} workers, {os.cpu_count()} CPUs)")
+    print(f"raw records x1 {result['raw_records_1worker_img_per_s']:8.1f} img/s  "
+          f"{result['raw_records_1worker_cpu_ms_per_img']:.2f} CPU ms/img (1 worker, "
+          f"{result['raw_record_kb']:.0f} KB/image against {result['mean_file_kb']:.0f} KB/JPEG)")
     return result
 
 
 # --- step, loop, e2e: the train step, alone and fed ----------------------------------------------------------------
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "imagenet.py")
+# Dense (no sparsity) bfloat16 peak of one chip, TFLOP/s, from the vendors' spec sheets: NVIDIA H100/H200
+# datasheets (SXM 989, PCIe 756), NVIDIA A100 datasheet (312), Google Cloud TPU system architecture pages
+# (v4 275, v5e 197, v5p 459, v6e 918). First matching substring of jax's device_kind wins, so the more specific
+# names come first. MFU is always against this bf16 peak: an fp32 step reads as the fraction of what the chip
+# could do in bf16.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0),
+    ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0), ("TPU v5", 459.0),
+    ("TPU v6 lite", 918.0), ("TPU v6e", 918.0),
+)
 
 
-class UsageError(Exception):
-    """A bad flag or config value: main prints it as one `error:` line and exits 2."""
+def peak_tflops(device_kind: str) -> float | None:
+    for name, tflops in PEAK_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return tflops
+    return None
 
 
-def load_config(path: str, overrides: list[str]):
-    """The config file with `--config.KEY=VALUE` overrides applied, parsed by ml_collections exactly as
-    `alexnet_jax.main` parses them (locked: an override can change a key, not add one)."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    if not os.path.isfile(path):
-        raise UsageError(f"--config: no such file: {path}")
-    argv = ["bench", f"--config={path}", *overrides]
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values, lock_config=True,
-                                    sys_argv=argv)
+def step_flops(compiled) -> float | None:
+    """FLOPs of one step of the compiled program on one device (XLA's cost analysis of the partitioned program);
+    None where the backend gives none."""
     try:
-        rest = flag_values(argv)
-    except (AttributeError, KeyError):  # ml_collections' answers to an override of a key the config lacks
-        raise UsageError(_unknown_key(path, overrides)) from None
-    except (flags.Error, OSError) as error:
-        raise UsageError(str(error).splitlines()[0]) from None
-    if rest[1:]:
-        raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
-    return flag_values.config
+        analysis = compiled.cost_analysis()
+    except NotImplementedError:
+        return None
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else None
+    flops = float((analysis or {}).get("flops", 0.0))
+    return flops if flops > 0 else None
 
 
-def _unknown_key(path: str, overrides: list[str]) -> str:
-    """The message naming the first override whose key the config file does not define."""
-    config = load_config(path, [])
-    for arg in overrides:
-        if not arg.startswith("--config."):
-            continue
-        key = arg[len("--config."):].split("=", 1)[0]
-        node = config
-        for part in key.split("."):
-            if not hasattr(node, "keys") or part not in node:
-                return f"{arg}: config has no key {key} ({path})"
-            node = node[part]
-    return f"config: overrides {' '.join(overrides)} do not apply to {path}"
+def mfu(flops: float | None, seconds_per_step: float, device_kind: str) -> float | str:
+    """Model FLOP utilisation of one device: its share of the step's FLOPs per second over its peak."""
+    peak = peak_tflops(device_kind)
+    if flops is None or peak is None:
+        return "unknown"
+    return round(flops / seconds_per_step / (peak * 1e12), 4)
 
 
 def device_info() -> dict:
@@ -308,7 +364,8 @@ def device_info() -> dict:
     device = jax.devices()[0]
     return {"device": f"{device.platform}: {device.device_kind} x {jax.device_count()}",
             "device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
-            "process_count": jax.process_count(), "jax": jax.__version__}
+            "process_count": jax.process_count(), "jax": jax.__version__,
+            "peak_tflops": peak_tflops(device.device_kind) or "unknown"}
 
 
 def model_info(config) -> dict:
@@ -325,7 +382,7 @@ def build_step(config, total_steps: int):
 
     from alexnet_jax import optim, sharding, train
 
-    mesh = sharding.create_mesh(config.mesh.model)
+    mesh = sharding.mesh_for(config)
     # One "epoch" as long as the run: the schedule's shape does not change the step's cost, only its values.
     learning_rate_fn = optim.create_learning_rate_fn(config.optim, max(1, total_steps), max(1, total_steps))
     tx = train.create_optimizer(config.optim, learning_rate_fn)
@@ -344,11 +401,12 @@ def build_step(config, total_steps: int):
     return mesh, state, compiled, init_s, time.perf_counter() - start
 
 
-def time_steps(step, state, next_batch, *, steps: int, warmup: int) -> tuple[dict, object]:
+def time_steps(step, state, next_batch, *, steps: int, warmup: int, log_every: int) -> tuple[dict, object]:
     """Runs `warmup` steps, then `steps` steps synced once at the end, then `steps` steps synced each.
 
-    `next_batch()` gives the step's global batch; the time spent in it is counted apart (host_s), so a loop fed
-    by the host shows how much of a step the host took. Returns (timings, final state)."""
+    `next_batch()` gives the step's global batch; the time spent in it is counted apart (host_s). Every
+    `log_every` steps the pipelined run fetches the metrics of the previous log step, as training does: those
+    finished long ago, so fetching them never waits for the device. Returns (timings, final state)."""
     import jax
 
     step_metrics = None
@@ -356,13 +414,17 @@ def time_steps(step, state, next_batch, *, steps: int, warmup: int) -> tuple[dic
         state, step_metrics = step(state, next_batch())
     jax.block_until_ready((state, step_metrics))
 
-    host_s = 0.0
+    host_s, logged = 0.0, None
     start = time.perf_counter()
-    for _ in range(steps):
+    for i in range(1, steps + 1):
         fetch = time.perf_counter()
         batch = next_batch()
         host_s += time.perf_counter() - fetch
         state, step_metrics = step(state, batch)
+        if i % log_every == 0:
+            if logged is not None:
+                jax.device_get(logged)
+            logged = step_metrics
     jax.block_until_ready((state, step_metrics))  # state s+1 depends on state s: this waits for every step
     pipelined_s = time.perf_counter() - start
 
@@ -377,27 +439,18 @@ def time_steps(step, state, next_batch, *, steps: int, warmup: int) -> tuple[dic
             "skipped_steps": int(jax.device_get(state.skipped_steps))}, state
 
 
-def _report(bench: str, config, timings: dict, *, steps: int, warmup: int, init_s: float, compile_s: float,
-            extra: dict) -> dict:
+def _rates(config, timings: dict, steps: int, flops: float | None, device_kind: str) -> dict:
     batch = int(config.batch_size)
     median_s = float(np.median(timings["synced_s"]))
     return {
-        "bench": bench,
         "img_per_s": round(batch * steps / timings["pipelined_s"], 2),
         "ms_per_step": round(1000 * timings["pipelined_s"] / steps, 3),
         "ms_per_step_synced_median": round(1000 * median_s, 3),
         "img_per_s_synced_median": round(batch / median_s, 2),
         "host_ms_per_step": round(1000 * timings["host_s"] / steps, 3),
-        "compile_s": round(compile_s, 3),
-        "init_s": round(init_s, 3),
-        "steps": steps,
-        "warmup": warmup,
+        "mfu": mfu(flops, timings["pipelined_s"] / steps, device_kind),
         "final_loss": timings["final_loss"],
         "skipped_steps": timings["skipped_steps"],
-        **device_info(),
-        **model_info(config),
-        **extra,
-        **_host_info(),
     }
 
 
@@ -411,29 +464,25 @@ def _host_info() -> dict:
 
 
 def _print_report(result: dict) -> None:
+    device = f"[{result['device']}]"
     print(f"bench {result['bench']} on {result['device']} (jax {result['jax']}): {result['variant']} width "
           f"{result['width']:g} {result['dtype']}, {result['image_size']} px, global batch {result['global_batch']}"
           f", load average {result.get('load_average_1m', '?')} on {result['cpu_count']} CPUs")
-    device = f"[{result['device']}]"
-    print(f"  compile {result['compile_s']:.2f} s, state init {result['init_s']:.2f} s  {device}")
-    print(f"  {result['steps']} steps, one sync at the end: {result['img_per_s']:10.1f} img/s "
-          f"{result['ms_per_step']:9.2f} ms/step  {device}")
-    print(f"  {result['steps']} steps, synced each, median: {result['img_per_s_synced_median']:8.1f} img/s "
-          f"{result['ms_per_step_synced_median']:9.2f} ms/step  {device}")
+    print(f"  compile {result['compile_s']:.2f} s, state init {result['init_s']:.2f} s, "
+          f"{result['step_gflops'] or '?'} GFLOP/step/device, peak {result['peak_tflops']} TFLOP/s  {device}")
+    runs = [("step", result.get("step", result))]
     if result["bench"] != "step":
-        print(f"  host (batch fetch + transfer): {result['host_ms_per_step']:.2f} ms/step, "
-              f"{result['workers']} worker(s), first batch after {result['first_batch_s']:.2f} s  {device}")
-
-
-def _check_steps(args) -> None:
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1 (got {args.steps})")
-    if args.warmup < 0:
-        raise UsageError(f"--warmup must be >= 0 (got {args.warmup})")
-    if getattr(args, "workers", None) is not None and args.workers < 0:
-        raise UsageError(f"--workers must be >= 0 (got {args.workers})")
-    if getattr(args, "images", 1) < 1:
-        raise UsageError(f"--images must be >= 1 (got {args.images})")
+        runs.append((result["bench"], result))
+    for name, run in runs:
+        mfu_text = f"{100 * run['mfu']:.1f}%" if isinstance(run["mfu"], float) else run["mfu"]
+        print(f"  {name:5s} {result['steps']} steps, one sync at the end: {run['img_per_s']:10.1f} img/s "
+              f"{run['ms_per_step']:9.2f} ms/step  MFU {mfu_text}  {device}")
+        print(f"  {name:5s} {result['steps']} steps, synced each, median: {run['img_per_s_synced_median']:8.1f} "
+              f"img/s {run['ms_per_step_synced_median']:9.2f} ms/step  {device}")
+    if result["bench"] != "step":
+        print(f"  {result['bench']}/step = {result['loop_to_step']:.3f}; host (batch fetch + transfer): "
+              f"{result['host_ms_per_step']:.2f} ms/step, {result['workers']} worker(s), first batch after "
+              f"{result['first_batch_s']:.2f} s  {device}")
 
 
 def _validated(config):
@@ -448,33 +497,51 @@ def _validated(config):
     return config
 
 
-def run_step(args, config) -> dict:
+def _fixed_batch(config, mesh):
     import jax
 
     from alexnet_jax import sharding
 
-    config.data.source = "synthetic"  # nothing is read: validate must not ask for data paths
-    _validated(config)
-    mesh, state, compiled, init_s, compile_s = build_step(config, args.warmup + 2 * args.steps)
     rng = np.random.default_rng(config.seed)
     local = config.batch_size // jax.process_count()
     size = config.data.image_size
-    batch = sharding.host_to_global({
+    return sharding.host_to_global({
         "image": rng.integers(0, 256, (local, size, size, 3), dtype=np.uint8),
         "label": rng.integers(0, config.model.num_classes, (local,), dtype=np.int32)}, mesh)
-    timings, _ = time_steps(compiled, state, lambda: batch, steps=args.steps, warmup=args.warmup)
-    return _report("step", config, timings, steps=args.steps, warmup=args.warmup, init_s=init_s,
-                   compile_s=compile_s, extra={"data": "one fixed on-device uint8 batch"})
 
 
-def _fed_loop(bench: str, args, config, source, extra: dict) -> dict:
-    """`loop` and `e2e`: the train loop's own batches (pipeline.train_batches -> host_to_global) into the step."""
+def _bench_step(config, total_steps: int):
+    """Builds and times the bare step; returns (report without the fed run, mesh, state, compiled, flops)."""
+    steps, warmup = FLAGS.steps, FLAGS.warmup
+    mesh, state, compiled, init_s, compile_s = build_step(config, total_steps)
+    flops = step_flops(compiled)
+    device = device_info()
+    batch = _fixed_batch(config, mesh)
+    log_every = max(1, int(config.log_every_steps))
+    timings, state = time_steps(compiled, state, lambda: batch, steps=steps, warmup=warmup, log_every=log_every)
+    report = {"compile_s": round(compile_s, 3), "init_s": round(init_s, 3), "steps": steps, "warmup": warmup,
+              "log_every_steps": log_every, "step_gflops": round(flops / 1e9, 3) if flops else None,
+              **_rates(config, timings, steps, flops, device["device_kind"]), **device, **model_info(config)}
+    return report, mesh, state, compiled, flops
+
+
+def run_step(config) -> dict:
+    config.data.source = "synthetic"  # nothing is read: validate must not ask for data paths
+    _validated(config)
+    report, *_ = _bench_step(config, FLAGS.warmup + 2 * FLAGS.steps)
+    return {"bench": "step", **report, "data": "one fixed on-device uint8 batch", **_host_info()}
+
+
+def _fed_loop(bench: str, config, source, extra: dict) -> dict:
+    """`loop` and `e2e`: the bare step, then the train loop's own batches (pipeline.train_batches ->
+    host_to_global) into the same compiled step and state."""
     import jax
 
     from alexnet_jax import sharding
     from alexnet_jax.data import pipeline
 
-    mesh, state, compiled, init_s, compile_s = build_step(config, args.warmup + 2 * args.steps)
+    steps, warmup = FLAGS.steps, FLAGS.warmup
+    step_report, mesh, state, compiled, flops = _bench_step(config, 2 * (warmup + 2 * steps))
     start = time.perf_counter()
     batches = [pipeline.train_batches(
         source, workers=config.data.workers, global_batch_size=config.batch_size, seed=config.seed,
@@ -487,173 +554,91 @@ def _fed_loop(bench: str, args, config, source, extra: dict) -> dict:
         return sharding.host_to_global(first.pop() if first else next(batches[0]), mesh)
 
     try:
-        timings, _ = time_steps(compiled, state, next_batch, steps=args.steps, warmup=args.warmup)
+        timings, _ = time_steps(compiled, state, next_batch, steps=steps, warmup=warmup,
+                                log_every=step_report["log_every_steps"])
     finally:
         # The grain iterator sits in reference cycles: collect it now, while its workers can still take back their
         # shared-memory buffers, not at interpreter exit (which leaks them, and resource_tracker warns).
         batches.clear()
         first.clear()
         gc.collect()
-    return _report(bench, config, timings, steps=args.steps, warmup=args.warmup, init_s=init_s,
-                   compile_s=compile_s, extra={"workers": int(config.data.workers), "first_batch_s":
-                                               round(first_batch_s, 3), "resize_size": int(config.data.resize_size),
-                                               "augment": config.data.augment, **extra})
+    fed = _rates(config, timings, steps, flops, step_report["device_kind"])
+    step_only = {k: step_report[k] for k in fed}
+    return {"bench": bench, **step_report, **fed,
+            "step_img_per_s": step_only["img_per_s"], "loop_img_per_s": fed["img_per_s"],
+            "loop_to_step": round(fed["img_per_s"] / step_only["img_per_s"], 3),
+            "step_mfu": step_only["mfu"], "step": step_only,
+            "workers": int(config.data.workers), "first_batch_s": round(first_batch_s, 3),
+            "resize_size": int(config.data.resize_size), "augment": config.data.augment, **extra, **_host_info()}
 
 
-def run_loop(args, config) -> dict:
+def run_loop(config) -> dict:
     from alexnet_jax.data import sources
 
     config.data.source = "synthetic"
-    if args.workers is not None:
-        config.data.workers = args.workers
+    if FLAGS.workers is not None:
+        config.data.workers = FLAGS.workers
     _validated(config)
     source = sources.create_source(config.data, "train", config.model.num_classes, config.seed)
-    return _fed_loop("loop", args, config, source,
+    return _fed_loop("loop", config, source,
                      {"data": f"synthetic source ({len(source)} random {config.data.image_size} px images)"})
 
 
-def run_e2e(args, config) -> dict:
+def run_e2e(config) -> dict:
     from alexnet_jax.data import sources
 
-    if args.workers is not None:
-        config.data.workers = args.workers
-    if args.data and (problem := storage.problem(args.data, "dir")):
-        raise UsageError(f"--data: {problem}")
+    if FLAGS.workers is not None:
+        config.data.workers = FLAGS.workers
+    data = _data_dir()
     with tempfile.TemporaryDirectory(prefix="alexnet_bench_") as tmp:
         config.data.source = "imagefolder"
-        config.data.train_path = config.data.eval_path = args.data or tmp
+        config.data.train_path = config.data.eval_path = data or tmp
         _validated(config)  # before spending time on the files
-        if not args.data:
-            print(f"writing {args.images} JPEGs to {tmp} ...", file=sys.stderr)
-            write_jpegs(tmp, args.images, seed=config.seed, classes=min(4, config.model.num_classes))
+        if not data:
+            print(f"writing {FLAGS.images} JPEGs to {tmp} ...", file=sys.stderr)
+            write_jpegs(tmp, FLAGS.images, seed=config.seed, classes=min(4, config.model.num_classes))
         try:
             source = sources.create_source(config.data, "train", config.model.num_classes, config.seed)
         except ValueError as error:
             raise UsageError(f"data: {error}") from None
         sample = [source.name(i) for i in range(0, len(source), max(1, len(source) // 64))]
         sizes = [storage.size(path) for path in sample]
-        return _fed_loop("e2e", args, config, source, {
-            "data": args.data or "synthetic JPEGs (ImageNet-like sizes)", "images": len(source),
+        return _fed_loop("e2e", config, source, {
+            "data": data or "synthetic JPEGs (ImageNet-like sizes)", "images": len(source),
             "mean_file_kb": round(float(np.mean(sizes)) / 1024, 1)})
 
 
-STEP_FLAGS_HELP = """config: --config=FILE (default: configs/imagenet.py) and any --config.KEY=VALUE override, parsed as
-  by `python -m alexnet_jax.main`, e.g. --config.batch_size=32 --config.model.width=0.25
-  --config.data.image_size=128 --config.model.dtype=bfloat16 --config.mesh.model=2
-
-With --json the last stdout line is one JSON object: bench, img_per_s, ms_per_step (both from the run synced once
-at the end), ms_per_step_synced_median, img_per_s_synced_median, host_ms_per_step, compile_s, init_s, device
-("platform: device_kind x count"), device_kind, platform, device_count, variant, width, dtype, image_size,
-global_batch, jax, steps, warmup, final_loss, and the machine's cpu_count and load_average_1m."""
-
-SUBCOMMANDS = {
-    "step": ("the compiled train step alone, on one fixed on-device batch",
-             "Times the train step alone: one synthetic uint8 batch on the device, the step train.py compiles\n"
-             "(ahead of time: compile_s), --warmup steps, then --steps steps synced once (img_per_s, ms_per_step)\n"
-             "and --steps steps synced each (ms_per_step_synced_median)."),
-    "loop": ("the train loop fed from the host: synthetic source -> grain pipeline -> host_to_global -> step",
-             "Times train.train_and_evaluate's loop without eval or checkpoints: the synthetic source (no files)\n"
-             "through pipeline.train_batches and sharding.host_to_global into the train step, so the host's\n"
-             "share shows (host_ms_per_step; compare img_per_s with `bench step`)."),
-    "pipeline": ("the host input pipeline against a plain Pillow loop (no device)",
-                 "Times the input pipeline alone against the textbook Pillow loop on the same JPEGs and cores."),
-    "e2e": ("`loop` from JPEG files: ImageFolder source, decode in grain workers, step",
-            "Times the loop end to end from JPEG files: --images JPEGs of ImageNet-like sizes (~500x375) written\n"
-            "to a temp ImageFolder (or --data DIR) through the imagefolder source, decode and crop in --workers\n"
-            "grain processes, host_to_global and the train step."),
-}
+RUNNERS = {"step": run_step, "loop": run_loop, "pipeline": run_pipeline, "e2e": run_e2e}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m alexnet_jax.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Benchmarks of the train step (step), the fed train loop (loop, e2e) and the input pipeline "
-                    "(pipeline).",
-        epilog="examples:\n"
-               "  python -m alexnet_jax.bench step --json --config.batch_size=128\n"
-               "  python -m alexnet_jax.bench loop --workers=8\n"
-               "  python -m alexnet_jax.bench e2e --workers=8 --images=1024\n"
-               "  python -m alexnet_jax.bench pipeline --json\n"
-               "`python -m alexnet_jax.bench SUBCOMMAND --help` for each one's options.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{step,loop,pipeline,e2e}")
-    for name, (summary, description) in SUBCOMMANDS.items():
-        fed = name in ("loop", "e2e")
-        p = sub.add_parser(name, help=summary, description=description,
-                           epilog=None if name == "pipeline" else STEP_FLAGS_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
-        if name == "pipeline":
-            p.add_argument("--config", default=None, help="ignored: pipeline takes its sizes from its own flags")
-            p.add_argument("--images", type=int, default=512, help="JPEGs to write and time over")
-            p.add_argument("--workers", type=int, default=0, help="grain worker processes (0: one per CPU)")
-            p.add_argument("--batch_size", type=int, default=64)
-            p.add_argument("--image_size", type=int, default=224)
-            p.add_argument("--resize_size", type=int, default=256)
-            p.add_argument("--augment", choices=("alexnet", "inception"), default="alexnet")
-            p.add_argument("--data", default="", help="time an existing ImageFolder instead of written JPEGs")
-            continue
-        p.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
-                       help="ml_collections config file (default: configs/imagenet.py); --config.KEY=VALUE "
-                            "overrides any key")
-        p.add_argument("--steps", type=int, default=20, help="timed steps, in each of the two timed runs "
-                                                             "(default: 20)")
-        p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default: 2)")
-        if fed:
-            p.add_argument("--workers", type=int, default=None,
-                           help="grain worker processes, overriding data.workers (0: decode in this process); "
-                                "default: the config's data.workers")
-        if name == "e2e":
-            p.add_argument("--images", type=int, default=512, help="JPEGs to write (default: 512)")
-            p.add_argument("--data", default="", help="read an existing ImageFolder instead of written JPEGs")
-    return parser
-
-
-def _config_overrides(extras: list[str]) -> tuple[list[str], list[str]]:
-    """Splits argparse's leftovers into --config.KEY[=VALUE] overrides (with a separate VALUE) and the rest."""
-    overrides, rest = [], []
-    for arg in extras:
-        if arg.startswith("--config."):
-            overrides.append(arg)
-        elif overrides and "=" not in overrides[-1] and overrides[-1].startswith("--") and not arg.startswith("-"):
-            overrides.append(arg)  # the VALUE of `--config.KEY VALUE`
-        else:
-            rest.append(arg)
-    return overrides, rest
-
-
-def parse_args(argv=None):
-    parser = build_parser()
-    args, extras = parser.parse_known_args(argv)
-    overrides, rest = _config_overrides(extras)
-    if rest or (overrides and args.command == "pipeline"):
-        parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
-    args.overrides = overrides
-    return args
-
-
-RUNNERS = {"step": run_step, "loop": run_loop, "e2e": run_e2e}
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.command == "pipeline":
-        if args.data and (problem := storage.problem(args.data, "dir")):
-            print(f"error: --data: {problem}", file=sys.stderr)
-            return 2
-        result = run_pipeline(args)
-    else:
-        try:
-            _check_steps(args)
-            config = load_config(args.config, args.overrides)
-            result = RUNNERS[args.command](args, config)
-        except UsageError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+def main(argv) -> int:
+    if len(argv) != 2 or argv[1] not in RUNNERS:
+        got = " ".join(argv[1:]) or "nothing"
+        print(f"error: expected one benchmark, {' | '.join(RUNNERS)}, got {got} (--help describes them)",
+              file=sys.stderr)
+        return cli.EXIT_BAD_USAGE
+    try:
+        result = RUNNERS[argv[1]](FLAGS.config)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return cli.EXIT_BAD_USAGE
+    if argv[1] != "pipeline":
         _print_report(result)
-    if args.json:
+    if FLAGS.json:
         print(json.dumps(result))
     return 0
 
 
+def with_default_config(argv: list[str]) -> list[str]:
+    """argv with --config=configs/imagenet.py added when it names no config. Not a flag default: config_flags
+    loads a default file as the flag is defined, where a bad --config.KEY override is a traceback instead of
+    cli's one error line."""
+    if any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
+        return argv
+    return [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    sys.argv = with_default_config(sys.argv)
+    cli.run(main)

@@ -172,7 +172,7 @@ def _plain(value):
 
 def diagnose(config, workdir: str, *, learning_rates, variants, activations, clip_norm: float, steps: int,
              width: float, diverge_factor: float) -> dict:
-    mesh = sharding.create_mesh(config.mesh.model)
+    mesh = sharding.mesh_for(config)
     batches = fixed_batches(config, mesh, steps)
     runs = []
     for variant in variants:

@@ -1,5 +1,5 @@
-"""`python -m alexnet_jax.bench step|loop|e2e` as a user runs them, on a tiny config: the JSON line's keys and that
-every measured number is a positive finite number. No thresholds on wall-clock numbers: they depend on the
+"""`python -m alexnet_jax.bench step|loop|e2e|pipeline` as a user runs them, on a tiny config: the JSON line's
+keys and that every measured number is a positive finite number. No thresholds on wall-clock numbers: they depend on the
 machine and its load.
 
 The three runs share the session's JAX compilation cache (conftest; the same train step at the same shapes), so
@@ -19,8 +19,10 @@ TINY = ["--config.model.width=0.0625", "--config.data.image_size=64", "--config.
 TIMINGS = ("img_per_s", "ms_per_step", "ms_per_step_synced_median", "img_per_s_synced_median", "compile_s", "init_s")
 COMMON = (*TIMINGS, "bench", "host_ms_per_step", "device", "device_kind", "platform", "device_count", "jax",
           "variant", "width", "dtype", "image_size", "global_batch", "steps", "warmup", "final_loss",
-          "load_average_1m", "cpu_count")
-FED = ("workers", "first_batch_s", "resize_size", "augment", "data")
+          "load_average_1m", "cpu_count", "mfu", "peak_tflops", "step_gflops")
+# loop and e2e time the bare step in the same process as the fed loop
+FED = ("workers", "first_batch_s", "resize_size", "augment", "data", "step_img_per_s", "loop_img_per_s",
+       "loop_to_step", "step_mfu")
 
 CASES = {
     "step": ([], ()),
@@ -56,28 +58,53 @@ def test_bench_reports_positive_finite_numbers_with_their_device(bench):
     measured = [line for line in lines[:-1] if "img/s" in line or "ms/step" in line or "compile" in line]
     assert measured and all(report["device"] in line for line in measured), lines[:-1]
 
+    # No peak FLOP/s is known for a CPU, so no MFU; the FLOPs come from the compiled step all the same.
+    assert report["peak_tflops"] == "unknown" and report["mfu"] == "unknown"
+    assert report["step_gflops"] > 0
+
     if bench != "step":
+        assert report["loop_img_per_s"] == report["img_per_s"]
+        assert report["step_img_per_s"] > 0
+        assert report["loop_to_step"] == pytest.approx(report["loop_img_per_s"] / report["step_img_per_s"], abs=2e-3)
         assert report["first_batch_s"] > 0 and report["workers"] == (1 if bench == "e2e" else 0)
     if bench == "e2e":
         assert report["images"] == 16 and report["mean_file_kb"] > 10  # photo-like JPEGs, not flat colour
 
 
-def test_help_names_the_subcommands_and_the_config_overrides():
-    top = run_cli("alexnet_jax.bench", "--help")
-    assert top.returncode == 0
-    for name in ("step", "loop", "pipeline", "e2e"):
-        assert name in top.stdout
-    for name in ("step", "loop", "e2e"):
-        sub = run_cli("alexnet_jax.bench", name, "--help")
-        assert sub.returncode == 0
-        assert "--config.KEY=VALUE" in sub.stdout and "--steps" in sub.stdout and "--warmup" in sub.stdout
-        assert ("--workers" in sub.stdout) == (name != "step")
+def test_help_names_the_subcommands_and_the_flags():
+    result = run_cli("alexnet_jax.bench", "--help")  # absl's --help exits 1, as for every other command
+    for word in ("step", "loop", "pipeline", "e2e", "--config.KEY=VALUE", "--steps", "--warmup", "--workers",
+                 "--images", "--json"):
+        assert word in result.stdout, word
+
+
+PIPELINE_KEYS = ("pipeline_img_per_s", "pipeline_1worker_img_per_s", "pil_baseline_img_per_s",
+                 "pil_baseline_parallel_img_per_s", "raw_records_1worker_img_per_s")
+
+
+def test_pipeline_reports_jpeg_and_raw_record_rates_with_its_device():
+    result = run_cli("alexnet_jax.bench", "pipeline", "--json", "--config.data.image_size=64",
+                     "--config.data.resize_size=72", "--config.batch_size=8", "--images=16", "--workers=1",
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    for key in (*PIPELINE_KEYS, "pipeline_cpu_ms_per_img", "raw_records_1worker_cpu_ms_per_img"):
+        assert isinstance(report[key], float) and math.isfinite(report[key]) and report[key] > 0, key
+    assert (report["images"], report["workers"], report["batch_size"]) == (16, 1, 8)
+    assert (report["image_size"], report["resize_size"]) == (64, 72)
+    # Raw records hold the pixels at short side 72: about 72 x 96 x 3 bytes for a 4:3 photo, plus a header.
+    assert 15 < report["raw_record_kb"] < 40 and report["mean_file_kb"] > 10
+    assert report["device"] in lines[0] and "load average" in lines[0]
 
 
 @pytest.mark.parametrize("args, named", [
     (["step", "--config.model.no_such_key=1"], "model.no_such_key"),
     (["loop", "--config.batch_size=abc"], "config.batch_size"),
     (["e2e", "--steps=0"], "--steps"),
+    (["pipeline", "--data=/no/such/dir"], "--data"),
+    (["train"], "step | loop | pipeline | e2e"),
+    ([], "step | loop | pipeline | e2e"),
     (["step", "--config=configs/no_such_file.py"], "no_such_file.py"),
 ])
 def test_bad_usage_exits_2_naming_the_flag(args, named):
@@ -85,3 +112,31 @@ def test_bad_usage_exits_2_naming_the_flag(args, named):
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and named in errors[0], result.stderr
+
+
+def test_mfu_uses_the_peak_of_the_device_kind_and_is_unknown_elsewhere():
+    from alexnet_jax import bench
+
+    # device_kind strings as jax reports them
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_tflops("NVIDIA H200") == 989.0
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.peak_tflops("TPU v4") == 275.0
+    assert bench.peak_tflops("TPU v5 lite") == 197.0
+    assert bench.peak_tflops("TPU v5") == 459.0
+    assert bench.peak_tflops("TPU v6 lite") == 918.0
+    assert bench.peak_tflops("cpu") is None
+    # 494.5 TFLOP in a 1 s step on a 989 TFLOP/s chip: half its peak
+    assert bench.mfu(494.5e12, 1.0, "NVIDIA H100 80GB HBM3") == 0.5
+    assert bench.mfu(494.5e12, 1.0, "cpu") == "unknown"
+    assert bench.mfu(None, 1.0, "TPU v4") == "unknown"
+
+
+def test_the_default_config_is_added_only_when_none_is_named():
+    from alexnet_jax import bench
+
+    assert bench.with_default_config(["bench", "step"]) == ["bench", f"--config={bench.DEFAULT_CONFIG}", "step"]
+    for named in (["bench", "step", "--config=configs/digits.py"], ["bench", "--config", "c.py", "loop"]):
+        assert bench.with_default_config(named) == named
+    assert bench.with_default_config(["bench", "step", "--config.batch_size=8"])[1].startswith("--config=")

@@ -211,3 +211,42 @@ def test_cli_progress_bad_files_and_usage_errors(tmp_path):
     assert not os.path.exists(tmp_path / "o3")
     usage = run(f"--src={src}")
     assert usage.returncode == 2 and "--dst" in usage.stderr
+
+
+def test_center_crop_raw_records_keep_the_central_region_and_crop_like_the_whole_picture(tmp_path):
+    """--center_crop=N stores only the central N x N of the resized picture, with the picture's short side; at
+    data.resize_size equal to the stored short side the eval crop is pixel for pixel the one from whole-picture
+    raw records, and train crops come out at the configured size."""
+    src = str(tmp_path / "src")
+    write_folder(src)
+    whole, region = str(tmp_path / "whole"), str(tmp_path / "region")
+    convert.convert(args_for(src, whole, "--shards=1", "--resize=28", "--format=raw", "--workers=1"))
+    manifest = convert.convert(args_for(src, region, "--shards=1", "--resize=28", "--format=raw", "--workers=1",
+                                        "--center_crop=24"))
+    assert manifest["center_crop"] == 24
+    full, cut = arrayrecord.ArrayRecordSource(whole), arrayrecord.ArrayRecordSource(region)
+    for i in range(len(cut)):
+        record, picture = cut.read_record(i), full.read_record(i)
+        h, w = picture["image"].shape[:2]
+        assert record["image"].shape == (24, 24, 3) and record["short_side"] == min(h, w) == 28
+        top, left = (h - 24) // 2, (w - 24) // 2
+        np.testing.assert_array_equal(record["image"], picture["image"][top:top + 24, left:left + 24])
+        assert "short_side" not in picture
+
+    config = base_config().data
+    config.source, config.image_size, config.resize_size = "arrayrecord", 16, 28  # 24 - 16 even: same centre
+    config.train_path = config.eval_path = region
+    eval_kwargs = dict(global_batch_size=4, image_size=16, resize_size=28)
+    region_batches = list(pipeline.eval_batches(sources.create_source(config, "eval", 3, 0), **eval_kwargs))
+    whole_batches = list(pipeline.eval_batches(full, **eval_kwargs))
+    for a, b in zip(region_batches, whole_batches, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    train = next(pipeline.train_batches(sources.create_source(config, "train", 3, 0), global_batch_size=4, seed=0,
+                                        image_size=16, resize_size=28))
+    assert train["image"].shape == (4, 16, 16, 3)
+
+    config.resize_size = 18  # 24 px of a 28 px short side is 15.4 px at 18: too little for a 16 px crop
+    with pytest.raises(ValueError, match=r"data.train_path .* raise data.resize_size to at least 19"):
+        sources.create_source(config, "train", 3, 0)
+    with pytest.raises(SystemExit):
+        args_for(src, str(tmp_path / "x"), "--shards=1", "--center_crop=24")  # JPEG records: refused

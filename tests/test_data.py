@@ -170,20 +170,31 @@ def test_random_crop_is_a_sub_array_inside_the_image(shape):
     assert lefts == set(range(shape[1] - size + 1))
 
 
+def png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("shape", [(40, 40), (30, 90), (120, 50)])
-def test_random_crop_after_resize_is_a_sub_array_of_the_resized_image(shape):
+def test_random_crop_of_an_array_is_the_crop_of_its_encoded_picture(shape):
+    """Arrays and encoded pictures share one crop path: the same box, resampled once -- pixel for pixel the
+    same crop from the pixels as from their (lossless) PNG, with the same random draws."""
+    from alexnet_jax.data import decode
+
     image = coordinate_image(*shape)
-    resized = transforms.resize_short_side(image, 24)
-    assert min(resized.shape[:2]) == 24 and resized.dtype == np.uint8
-    # Aspect ratio kept (to rounding).
-    assert resized.shape[0] / resized.shape[1] == pytest.approx(shape[0] / shape[1], rel=0.05)
-    rng = np.random.default_rng(1)
-    for _ in range(50):
-        crop = transforms.random_crop(image, rng, 16, 24)
-        assert crop.shape == (16, 16, 3)
-        matches = [(t, l) for t in range(resized.shape[0] - 15) for l in range(resized.shape[1] - 15)
-                             if np.array_equal(resized[t:t + 16, l:l + 16], crop)]
-        assert matches, "crop is not a window of the resized image"
+    data = png(image)
+    rng_array, rng_encoded = np.random.default_rng(1), np.random.default_rng(1)
+    for _ in range(20):
+        crop = transforms.random_crop(image, rng_array, 16, 24)
+        assert crop.shape == (16, 16, 3) and crop.dtype == np.uint8
+        from_png = decode.decode_crop(data, lambda w, h: transforms.alexnet_crop_box(w, h, rng_encoded, 16, 24),
+                                      (16, 16))
+        np.testing.assert_array_equal(crop, from_png)
 
 
 @pytest.mark.parametrize("shape", [(20, 20), (21, 20), (20, 37), (44, 25)])
@@ -198,11 +209,36 @@ def test_center_crop_picks_the_centre(shape):
 
 
 def test_center_crop_resizes_the_short_side_first():
+    from alexnet_jax.data import decode
+
     image = coordinate_image(40, 80)
-    crop = transforms.center_crop(image, 16, 20)
-    resized = transforms.resize_short_side(image, 20)
-    assert resized.shape[:2] == (20, 40)
-    np.testing.assert_array_equal(crop, resized[2:18, 12:28])
+    crop = transforms.center_crop(image, 16, 20)  # short side 40 -> 20: the picture at half scale, cut 16 x 16
+    assert crop.shape == (16, 16, 3)
+    box = transforms.center_crop_box(80, 40, 16, 20)
+    assert box == (24.0, 4.0, 56.0, 36.0)  # the central 32 x 32 of the picture = 16 x 16 at half scale
+    np.testing.assert_array_equal(crop, decode.decode_crop(png(image), lambda w, h: box, (16, 16)))
+    # Half scale: output pixel (i, j) averages picture rows/columns 4 + 2i and 24 + 2j and their next ones.
+    np.testing.assert_allclose(crop[:, 0, 0].astype(float), 4.5 + 2 * np.arange(16), atol=1)
+    np.testing.assert_allclose(crop[0, :, 1].astype(float), 24.5 + 2 * np.arange(16), atol=1)
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (24, 30), (30, 24)])
+def test_crops_of_a_central_region_keep_the_whole_pictures_scale(shape):
+    """A raw record holding only the central `shape` of a picture whose short side was 48: with resize_size=24
+    the crops are at half scale (32 stored px -> 16 output px), centred where the picture's centre is."""
+    image = coordinate_image(*shape)
+    box = transforms.center_crop_box(shape[1], shape[0], 8, 24, short_side=48)
+    h, w = round(shape[0] / 2), round(shape[1] / 2)
+    assert box == (((w - 8) // 2) * 2, ((h - 8) // 2) * 2, ((w - 8) // 2) * 2 + 16, ((h - 8) // 2) * 2 + 16)
+    assert transforms.center_crop(image, 8, 24, short_side=48).shape == (8, 8, 3)
+    rng = np.random.default_rng(0)
+    lefts = set()
+    for _ in range(100):
+        left, top, right, bottom = transforms.alexnet_crop_box(shape[1], shape[0], rng, 8, 24, short_side=48)
+        assert (right - left, bottom - top) == (16, 16)  # 8 output px at half scale
+        assert 0 <= left and right <= shape[1] and 0 <= top and bottom <= shape[0]
+        lefts.add(left)
+    assert lefts == {2 * k for k in range(w - 8 + 1)}  # every placement of the half-scale picture's grid
 
 
 # --- on-device transforms ----------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ A converted directory holds `manifest.json` and the shards it lists. Each record
 
     b"AXJ1" | uint32 little-endian header length | UTF-8 JSON header | payload
 
-with header {"label": int, "name": relative source path, "format": "jpeg" | "raw", "shape": [h, w, 3] (raw)};
+with header {"label": int, "name": relative source path, "format": "jpeg" | "raw", "shape": [h, w, 3] (raw),
+"short_side": int (raw records holding only the central region of a picture: the picture's short side)};
 the payload is the re-encoded JPEG or the raw uint8 HWC pixels. A self-describing header rather than pickle:
 reading a shard never executes anything it contains.
 
@@ -33,12 +34,14 @@ WRITER_OPTIONS = "group_size:1,uncompressed"  # JPEG does not compress; random r
 FORMATS = ("jpeg", "raw")
 
 
-def encode_record(label: int, name: str, payload: bytes, fmt: str, shape=None) -> bytes:
+def encode_record(label: int, name: str, payload: bytes, fmt: str, shape=None, short_side: int | None = None) -> bytes:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     header = {"label": int(label), "name": name, "format": fmt}
     if fmt == "raw":
         header["shape"] = [int(s) for s in shape]
+        if short_side is not None:
+            header["short_side"] = int(short_side)
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     return MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes + payload
 
@@ -96,12 +99,15 @@ class ArrayRecordSource:
         return len(self._records)
 
     def read_record(self, index: int) -> dict:
-        """{"encoded": JPEG bytes} or {"image": uint8 HWC} for raw shards, plus "label" and "index"."""
+        """{"encoded": JPEG bytes} or {"image": uint8 HWC} for raw shards (and "short_side" when the pixels are
+        the central region of a picture with that short side), plus "label" and "index"."""
         index = int(index)
         header, payload = decode_record(self._records[index])
         example = {"label": np.int32(header["label"]), "index": np.int64(index)}
         if header["format"] == "raw":
             example["image"] = np.frombuffer(payload, np.uint8).reshape(header["shape"])
+            if "short_side" in header:
+                example["short_side"] = int(header["short_side"])
         else:
             example["encoded"] = bytes(payload)
         return example

@@ -1,7 +1,7 @@
 """Convert an image folder to ArrayRecord shards for the `arrayrecord` source.
 
     python -m alexnet_jax.data.convert --src=/data/imagenet/train --dst=/data/imagenet-ar/train --shards=1024 \\
-        [--resize=256] [--format=jpeg|raw] [--quality=95] [--workers=K]
+        [--resize=256] [--format=jpeg|raw] [--center_crop=N] [--quality=95] [--workers=K]
     python -m alexnet_jax.data.convert --src=/data/imagenet/val --dst=/data/imagenet-ar/val --shards=64 \\
         --classes_from=/data/imagenet/train      # a flat val folder: its ground truth is found beside it
 
@@ -9,6 +9,8 @@
 ILSVRC2012_validation_ground_truth.txt (`--val_labels`, `--labels_file` as data.val_labels / data.labels_file).
 Every file is decoded (EXIF orientation applied, any mode to RGB), its short side brought down to `--resize`
 (never up; 0 keeps the size), and stored re-encoded as JPEG or as raw uint8 pixels, with its label and name.
+`--format=raw --center_crop=N` keeps only the central N x N pixels of the resized picture (smaller records; train
+crops then come from that region, at the whole picture's scale: the record keeps the picture's short side).
 Files that do not decode are skipped, one line each naming the file, and listed in the manifest.
 
 `--src` and `--dst` may be gs:// URLs: a shard bound for gs:// is written to a local temporary file (the
@@ -51,6 +53,7 @@ def _fingerprint(source, args) -> dict:
     digest.update(source.labels.tobytes())
     return {"files": len(source), "file_list_sha256": digest.hexdigest(), "class_names": source.class_names,
             "shards": args.shards, "resize": args.resize, "format": args.format, "quality": args.quality,
+            "center_crop": args.center_crop,
             "seed": args.seed}
 
 
@@ -60,17 +63,25 @@ def shard_assignment(num_files: int, num_shards: int, seed: int) -> list[np.ndar
     return [order[bounds[k]:bounds[k + 1]] for k in range(num_shards)]
 
 
-def encode_example(data: bytes, resize: int, fmt: str, quality: int) -> tuple[bytes, tuple | None]:
-    """(payload, shape or None) for one file's bytes; raises decode.BadImageError."""
+def encode_example(data: bytes, resize: int, fmt: str, quality: int,
+                   center_crop: int = 0) -> tuple[bytes, tuple | None, int | None]:
+    """(payload, shape or None, short side of the picture or None) for one file's bytes; raises
+    decode.BadImageError. The short side is given only when the pixels are its central region."""
     from PIL import Image
     import io
 
     pixels = decode.decode_resized(data, resize)
     if fmt == "raw":
-        return np.ascontiguousarray(pixels).tobytes(), pixels.shape
+        short_side = None
+        if center_crop:
+            h, w = pixels.shape[:2]
+            short_side = min(h, w)
+            top, left = (h - min(h, center_crop)) // 2, (w - min(w, center_crop)) // 2
+            pixels = pixels[top:top + center_crop, left:left + center_crop]
+        return np.ascontiguousarray(pixels).tobytes(), pixels.shape, short_side
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue(), None
+    return buffer.getvalue(), None, None
 
 
 _worker = {}
@@ -95,13 +106,14 @@ def convert_shard(task: dict) -> dict:
     for index in task["indices"]:
         record = source.read_record(int(index))
         try:
-            payload, shape = encode_example(record["encoded"], task["resize"], task["format"], task["quality"])
+            payload, shape, short_side = encode_example(record["encoded"], task["resize"], task["format"],
+                                                        task["quality"], task["center_crop"])
         except decode.BadImageError as error:
             skipped.append({"file": source.relative_path(int(index)), "error": str(error)})
         else:
             label = int(record["label"])
             writer.write(arrayrecord.encode_record(label, source.relative_path(int(index)), payload, task["format"],
-                                                   shape))
+                                                   shape, short_side=short_side))
             counts[label] += 1
             written += 1
         if progress is not None:
@@ -202,7 +214,7 @@ def convert(args) -> dict:
     if len(todo) < args.shards:
         print(f"resuming: {args.shards - len(todo)} of {args.shards} shards already done", file=sys.stderr)
     tasks = [{"dst": args.dst, "file": files[k], "indices": assignment[k], "resize": args.resize,
-              "format": args.format, "quality": args.quality} for k in todo]
+              "format": args.format, "quality": args.quality, "center_crop": args.center_crop} for k in todo]
 
     progress = Progress(len(source), already)
 
@@ -247,6 +259,7 @@ def convert(args) -> dict:
         "class_counts": counts,
         "encoding": args.format,
         "resize": args.resize,
+        "center_crop": args.center_crop or None,
         "quality": args.quality if args.format == "jpeg" else None,
         "shards": [{k: s[k] for k in ("file", "num_records", "bytes", "sha256")} for s in shards],
         "skipped": skipped,
@@ -264,6 +277,8 @@ def parse_args(argv=None):
     parser.add_argument("--shards", type=int, required=True, help="number of ArrayRecord shards")
     parser.add_argument("--resize", type=int, default=256, help="short side at most this (0: keep the size)")
     parser.add_argument("--format", choices=arrayrecord.FORMATS, default="jpeg", help="jpeg bytes or raw pixels")
+    parser.add_argument("--center_crop", type=int, default=0,
+                        help="raw only: keep the central NxN pixels of the resized picture (0: all of it)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of the re-encoded images")
     parser.add_argument("--workers", type=int, default=0, help="worker processes (0: one per CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the file -> shard deal")
@@ -276,6 +291,10 @@ def parse_args(argv=None):
         parser.error("--shards must be >= 1")
     if args.resize < 0 or not 1 <= args.quality <= 100 or args.workers < 0:
         parser.error("--resize and --workers must be >= 0, --quality in 1..100")
+    if args.center_crop < 0 or (args.center_crop and args.format != "raw"):
+        parser.error("--center_crop must be >= 0, and is for --format=raw only")
+    if args.center_crop and args.resize and args.center_crop > args.resize:
+        parser.error(f"--center_crop={args.center_crop} is more than the short side --resize={args.resize}")
     return args
 
 

@@ -54,7 +54,8 @@ class TrainTransform(grain.transforms.RandomMap):
             return decode.decode_crop(example["encoded"], box, (self.image_size, self.image_size))
         if self.augment == "inception":
             return transforms.random_resized_crop(example["image"], rng, self.image_size)
-        return transforms.random_crop(example["image"], rng, self.image_size, self.resize_size)
+        return transforms.random_crop(example["image"], rng, self.image_size, self.resize_size,
+                                      example.get("short_side"))
 
     def random_map(self, example, rng: np.random.Generator):
         if "encoded" not in example:
@@ -85,7 +86,7 @@ class EvalTransform(grain.transforms.Map):
         crop = self.resize_size if self.eval_crops == 10 else self.image_size
         label, mask = np.int32(example["label"]), example["mask"]
         if "encoded" not in example:
-            image = transforms.center_crop(example["image"], crop, self.resize_size)
+            image = transforms.center_crop(example["image"], crop, self.resize_size, example.get("short_side"))
             return {"image": image, "label": label, "mask": mask}
         bad_index = -1
         try:

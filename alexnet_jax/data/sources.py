@@ -134,6 +134,7 @@ def _arrayrecord_source(data_config, split: str, class_names=None):
     from alexnet_jax.data import arrayrecord
 
     source = arrayrecord.ArrayRecordSource(_split_path(data_config, split))
+    _check_central_region(source.manifest, data_config, split)
     if split == "eval" and class_names is not None:
         if list(class_names) != source.class_names:
             raise ValueError(f"data.eval_path {data_config.eval_path}: its class list differs from the one the "
@@ -144,3 +145,21 @@ def _arrayrecord_source(data_config, split: str, class_names=None):
             raise ValueError(f"data.eval_path {data_config.eval_path}: its class list differs from data.train_path's"
                              " (convert both splits with the same classes)")
     return source
+
+
+def _check_central_region(manifest: dict, data_config, split: str) -> None:
+    """Raw records holding only a picture's central region (`data.convert --center_crop`) must still hold the
+    crops this config cuts: the region, at data.resize_size's scale, is at least the crop."""
+    region, stored_short_side = manifest.get("center_crop"), manifest.get("resize")
+    if not region or not stored_short_side:
+        return
+    crop = data_config.image_size
+    if split == "eval" and data_config.get("eval_crops", 1) == 10:
+        crop = data_config.resize_size
+    scaled = region * data_config.resize_size / stored_short_side
+    if scaled < crop:
+        raise ValueError(
+            f"data.{split}_path holds the central {region} px of pictures resized to short side {stored_short_side}:"
+            f" {scaled:g} px at data.resize_size={data_config.resize_size}, less than the {crop} px crop; raise "
+            f"data.resize_size to at least {-(-crop * stored_short_side // region)} or convert with a larger "
+            "--center_crop")

@@ -3,10 +3,15 @@
 The host only decodes, resizes and crops; it ships uint8 NHWC so transfers are 4x smaller than float32.
 Normalisation, flips, PCA lighting noise and the ten eval crops run on the accelerator where they are nearly free.
 
-Host crops are described as boxes in the full-resolution picture (`*_box` functions): the encoded-image path
-(data/decode.py) decodes only at the resolution a box needs and resamples the box straight to the output size.
-The array functions (`random_crop`, `center_crop`, `random_resized_crop`) are the same views for sources that
-already hold pixels (digits, synthetic, raw ArrayRecord).
+Host crops are described as boxes in the full-resolution picture (`*_box` functions), whatever holds the pixels:
+the encoded-image path (data/decode.py) decodes only at the resolution a box needs and resamples the box straight
+to the output size; the array functions (`random_crop`, `center_crop`, `random_resized_crop`), for sources that
+already hold pixels (digits, synthetic, raw ArrayRecord), resample the same boxes of the array. One placement
+rule, one resampling: an array and its PNG give the same crop pixel for pixel. A box that is already the output
+size on the pixel grid (the array's short side is resize_size) is cut, not resampled.
+
+Raw records may hold only the central region of their picture (`data.convert --center_crop`); `short_side` then
+says how long the picture's short side was, so the crops keep the scale of the whole picture's resize.
 """
 
 import math
@@ -21,39 +26,17 @@ MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
-def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    if min(h, w) == size:
-        return image
-    scale = size / min(h, w)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-
-
-def center_crop(image: np.ndarray, image_size: int, resize_size: int) -> np.ndarray:
-    """Eval view: short side to `resize_size`, then the central `image_size` square."""
-    image = resize_short_side(image, resize_size)
-    h, w = image.shape[:2]
-    top, left = (h - image_size) // 2, (w - image_size) // 2
-    return image[top:top + image_size, left:left + image_size]
-
-
-def random_crop(image: np.ndarray, rng: np.random.Generator, image_size: int, resize_size: int) -> np.ndarray:
-    """Train view: short side to `resize_size`, then a uniformly placed `image_size` square."""
-    image = resize_short_side(image, resize_size)
-    h, w = image.shape[:2]
-    top = int(rng.integers(h - image_size + 1))
-    left = int(rng.integers(w - image_size + 1))
-    return image[top:top + image_size, left:left + image_size]
-
-
 Box = tuple[float, float, float, float]  # (left, top, right, bottom), pixels of the full-resolution picture
 
 
-def _resized_shape(width: int, height: int, resize_size: int) -> tuple[int, int]:
-    """(w, h) after resizing the short side to `resize_size`, rounded as `resize_short_side` does."""
-    scale = resize_size / min(width, height)
-    return max(resize_size, round(width * scale)), max(resize_size, round(height * scale))
+def _resized_shape(width: int, height: int, resize_size: int, short_side: int | None = None) -> tuple[int, int]:
+    """(w, h) after resizing the picture's short side to `resize_size`. `short_side`: that of the picture this
+    array is the central region of (default: the array is the whole picture, min(width, height))."""
+    if short_side is None:
+        scale = resize_size / min(width, height)
+        return max(resize_size, round(width * scale)), max(resize_size, round(height * scale))
+    scale = resize_size / short_side
+    return round(width * scale), round(height * scale)
 
 
 def _box_in_original(width, height, resized_w, resized_h, left, top, size) -> Box:
@@ -62,17 +45,18 @@ def _box_in_original(width, height, resized_w, resized_h, left, top, size) -> Bo
 
 
 def alexnet_crop_box(width: int, height: int, rng: np.random.Generator, image_size: int,
-                     resize_size: int) -> Box:
+                     resize_size: int, short_side: int | None = None) -> Box:
     """The paper's train view as a box: short side to `resize_size`, a uniformly placed `image_size` square."""
-    rw, rh = _resized_shape(width, height, resize_size)
+    rw, rh = _resized_shape(width, height, resize_size, short_side)
     top = int(rng.integers(rh - image_size + 1))
     left = int(rng.integers(rw - image_size + 1))
     return _box_in_original(width, height, rw, rh, left, top, image_size)
 
 
-def center_crop_box(width: int, height: int, image_size: int, resize_size: int) -> Box:
+def center_crop_box(width: int, height: int, image_size: int, resize_size: int,
+                    short_side: int | None = None) -> Box:
     """The eval view as a box: short side to `resize_size`, the central `image_size` square."""
-    rw, rh = _resized_shape(width, height, resize_size)
+    rw, rh = _resized_shape(width, height, resize_size, short_side)
     return _box_in_original(width, height, rw, rh, (rw - image_size) // 2, (rh - image_size) // 2, image_size)
 
 
@@ -108,6 +92,19 @@ def crop_box_array(image: np.ndarray, box: Box, out_size: int) -> np.ndarray:
     from alexnet_jax.data import decode  # local: decode imports nothing from here, but keep the graph one-way
 
     return decode.resample_box(Image.fromarray(image), box, (out_size, out_size))
+
+
+def random_crop(image: np.ndarray, rng: np.random.Generator, image_size: int, resize_size: int,
+                short_side: int | None = None) -> np.ndarray:
+    """The `alexnet` train view of an array: `alexnet_crop_box` resampled to `image_size` squared."""
+    h, w = image.shape[:2]
+    return crop_box_array(image, alexnet_crop_box(w, h, rng, image_size, resize_size, short_side), image_size)
+
+
+def center_crop(image: np.ndarray, image_size: int, resize_size: int, short_side: int | None = None) -> np.ndarray:
+    """The eval view of an array: `center_crop_box` resampled to `image_size` squared."""
+    h, w = image.shape[:2]
+    return crop_box_array(image, center_crop_box(w, h, image_size, resize_size, short_side), image_size)
 
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, image_size: int) -> np.ndarray:
