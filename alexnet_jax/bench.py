@@ -369,7 +369,13 @@ def device_info() -> dict:
 
 
 def model_info(config) -> dict:
-    return {"variant": config.model.variant, "width": float(config.model.width), "dtype": config.model.dtype,
+    import jax.numpy as jnp
+
+    from alexnet_jax import models
+
+    # The dtype the step computes in: model.dtype=auto is resolved for this device (bfloat16 on GPU/TPU).
+    dtype = jnp.dtype(models.compute_dtype(config.model.dtype)).name
+    return {"variant": config.model.variant, "width": float(config.model.width), "dtype": dtype,
             "num_classes": int(config.model.num_classes), "image_size": int(config.data.image_size),
             "global_batch": int(config.batch_size), "mesh_model": int(config.mesh.model)}
 
