@@ -22,6 +22,7 @@ holds the running total.
 """
 
 import dataclasses
+import gc
 import signal
 
 import grain
@@ -189,6 +190,26 @@ def describe_bad_file(source, index: int) -> str:
     return f"{source.name(index)}: {why}"
 
 
+def _finish_shared_memory_release() -> None:
+    """Frees the batches already consumed and waits until their shared memory is unlinked.
+
+    A worker batch's shared memory is unlinked only when its arrays are freed, and grain does that on a
+    background thread (asynchronous deletion). Batches the caller has let go of can still sit in reference cycles
+    (iterator and exception-traceback frames) that nothing collects before exit, and a process that exits right
+    after its last eval leaves deletion requests queued; either way multiprocessing's resource tracker reports the
+    blocks as leaked at shutdown. So collect the cycles, then wait for the queue: grain has no public call for
+    it, but its deletion pool is one thread working in order, so a no-op task queued behind the pending ones
+    returns once they are done (if grain changes that internal, the wait is skipped)."""
+    gc.collect()
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:
+        return
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        pool.apply(int)
+
+
 class BatchIterator:
     """This process's batches from a grain iterator, minus the bad-file bookkeeping: logs each bad file once
     (naming it), a count per epoch (train) or at the end (eval), and keeps the total in `bad_files`.
@@ -246,6 +267,7 @@ class BatchIterator:
         close = getattr(self._iterator, "close", None)
         if close is not None:
             close()
+            _finish_shared_memory_release()
 
     def get_state(self):
         return self._iterator.get_state()
