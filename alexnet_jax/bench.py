@@ -1,4 +1,4 @@
-"""Benchmarks: python -m alexnet_jax.bench {step,loop,pipeline,e2e} [--config=FILE] [--config.KEY=VALUE ...] [--json]
+"""Benchmarks: python -m alexnet_jax.bench {step,loop,pipeline,e2e,layers} [--config=FILE] [--config.KEY=VALUE ...] [--json]
 
 Flags are parsed as by every other command (absl, ml_collections config files with --config.KEY=VALUE
 overrides; default config: configs/imagenet.py). With --json the last stdout line is one JSON object. Every
@@ -11,7 +11,9 @@ step: the compiled train step alone, the ceiling of what the device can do with 
   run --warmup times, then --steps times with a single sync at the end (img_per_s, ms_per_step: the pipelined
   rate training sees), then --steps times synced after each (ms_per_step_synced_median: one step's latency).
   mfu: the compiled step's FLOPs (XLA's cost analysis) per second over the device's peak (see PEAK_TFLOPS;
-  "unknown" on devices not in that table, CPUs included).
+  "unknown" on devices not in that table, CPUs included). --torch then times the PyTorch reference step
+  (alexnet_jax.torch_reference: same model, optimizer, batch and compute dtype, eager) in the same process on the
+  same device, and reports its img/s as torch_img_per_s and our img_per_s over it as jax_to_torch.
 
 loop: `step`, then the train loop fed from the host, in the same process on the same state, so their ratio
   compares one moment: the synthetic source (random pixels: no files, no decode) through
@@ -30,15 +32,21 @@ pipeline: the host input pipeline against a plain Pillow loop on the same JPEG f
   side data.resize_size) read by the same pipeline with one worker -- no JPEG decode. cpu_ms_per_img counts the
   CPU time of every process involved (Linux /proc), a like-for-like number even on a busy machine.
 
+layers: each convolution's forward pass, input gradient and weight gradient, and each max pool's forward pass and
+  gradient, timed on their own at the model's shapes (see alexnet_jax/bench_layers.py); with --torch, PyTorch's
+  times for the same operations beside them and the two results' largest relative difference.
+
 The config is read as training reads it: model.*, data.image_size/resize_size/augment/random_flip/lighting_std/
 workers, batch_size, optim.*, mesh.model apply; data.source is replaced by what the benchmark reads. --workers
 overrides data.workers (0 decodes in this process).
 
 examples:
   python -m alexnet_jax.bench step --json --config.batch_size=128 --config.model.dtype=bfloat16
+  python -m alexnet_jax.bench step --torch --config.batch_size=32 --config.model.dtype=float32
   python -m alexnet_jax.bench loop --workers=8
   python -m alexnet_jax.bench e2e --workers=8 --images=1024
   python -m alexnet_jax.bench pipeline --json
+  python -m alexnet_jax.bench layers --torch --config.batch_size=32 --config.model.dtype=float32
 """
 
 import gc
@@ -72,6 +80,8 @@ def define_flags() -> None:
                          "this process; pipeline: default one per CPU).", lower_bound=0)
     flags.DEFINE_integer("images", 512, "JPEGs to write and read (e2e, pipeline).", lower_bound=1)
     flags.DEFINE_string("data", "", "Read an existing ImageFolder instead of written JPEGs (e2e, pipeline).")
+    flags.DEFINE_bool("torch", False, "step, layers: also time the same work in PyTorch in this process (needs "
+                      "torch).")
 
 
 # A spread of the commonest ImageNet train sizes (width, height); most photos are 500 px on the long side.
@@ -485,6 +495,10 @@ def _print_report(result: dict) -> None:
               f"{run['ms_per_step']:9.2f} ms/step  MFU {mfu_text}  {device}")
         print(f"  {name:5s} {result['steps']} steps, synced each, median: {run['img_per_s_synced_median']:8.1f} "
               f"img/s {run['ms_per_step_synced_median']:9.2f} ms/step  {device}")
+    if "jax_to_torch" in result:
+        print(f"  torch {result['torch']} eager, same step: {result['torch_img_per_s']:10.1f} img/s "
+              f"{result['torch_ms_per_step']:9.2f} ms/step; ours/torch = {result['jax_to_torch']:.3f}  "
+              f"[{result['torch_device']}]")
     if result["bench"] != "step":
         print(f"  {result['bench']}/step = {result['loop_to_step']:.3f}; host (batch fetch + transfer): "
               f"{result['host_ms_per_step']:.2f} ms/step, {result['workers']} worker(s), first batch after "
@@ -534,8 +548,37 @@ def _bench_step(config, total_steps: int):
 def run_step(config) -> dict:
     config.data.source = "synthetic"  # nothing is read: validate must not ask for data paths
     _validated(config)
+    if FLAGS.torch:
+        torch_reference = _torch_reference(config)
     report, *_ = _bench_step(config, FLAGS.warmup + 2 * FLAGS.steps)
-    return {"bench": "step", **report, "data": "one fixed on-device uint8 batch", **_host_info()}
+    result = {"bench": "step", **report, "data": "one fixed on-device uint8 batch", **_host_info()}
+    if FLAGS.torch:
+        torch_run = torch_reference.bench(
+            result["variant"], result["global_batch"], result["image_size"], result["dtype"], width=result["width"],
+            num_classes=result["num_classes"], steps=FLAGS.steps, warmup=FLAGS.warmup)
+        result.update(torch_img_per_s=torch_run["img_per_s"], torch_ms_per_step=torch_run["ms_per_step"],
+                      torch_device=torch_run["device"], torch=torch_run["torch"],
+                      jax_to_torch=round(result["img_per_s"] / torch_run["img_per_s"], 3))
+    return result
+
+
+def _torch_reference(config):
+    """The torch_reference module, or a UsageError saying why --torch cannot run with this config."""
+    try:
+        from alexnet_jax import torch_reference
+    except ImportError:
+        raise UsageError("--torch needs PyTorch: pip install torch") from None
+    if config.model.variant not in ("owt", "bn"):
+        raise UsageError(f"--torch: the PyTorch reference has owt and bn, not model.variant={config.model.variant}")
+    if int(config.mesh.model) != 1 or _device_count() != 1:
+        raise UsageError("--torch compares one device: run it with a single device and mesh.model=1")
+    return torch_reference
+
+
+def _device_count() -> int:
+    import jax
+
+    return jax.device_count()
 
 
 def _fed_loop(bench: str, config, source, extra: dict) -> dict:
@@ -614,7 +657,24 @@ def run_e2e(config) -> dict:
             "mean_file_kb": round(float(np.mean(sizes)) / 1024, 1)})
 
 
-RUNNERS = {"step": run_step, "loop": run_loop, "pipeline": run_pipeline, "e2e": run_e2e}
+def run_layers(config) -> dict:
+    from alexnet_jax import bench_layers
+
+    config.data.source = "synthetic"
+    _validated(config)
+    if FLAGS.torch:
+        _torch_reference(config)  # the same checks: PyTorch installed, one device
+    report = bench_layers.run(config, steps=FLAGS.steps, warmup=FLAGS.warmup, with_torch=FLAGS.torch)
+    info = model_info(config)
+    if FLAGS.torch:
+        import torch
+
+        info["torch"] = torch.__version__
+    return {"bench": "layers", **report, **info, **device_info(), "steps": FLAGS.steps, "warmup": FLAGS.warmup,
+            **_host_info()}
+
+
+RUNNERS = {"step": run_step, "loop": run_loop, "pipeline": run_pipeline, "e2e": run_e2e, "layers": run_layers}
 
 
 def main(argv) -> int:
@@ -628,7 +688,11 @@ def main(argv) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return cli.EXIT_BAD_USAGE
-    if argv[1] != "pipeline":
+    if argv[1] == "layers":
+        from alexnet_jax import bench_layers
+
+        bench_layers.print_report(result)
+    elif argv[1] != "pipeline":
         _print_report(result)
     if FLAGS.json:
         print(json.dumps(result))

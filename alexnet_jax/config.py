@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     # type, float32's exponent range), float32 on CPUs. float16 is refused: it needs loss scaling, which we omit.
     c.model.dtype = "auto"
     c.model.space_to_depth = False  # conv1 as an equal 3x3 conv on 4x4 space-to-depth blocks (MLPerf's TPU stem)
+    # Max-pool gradient: "xla" (select_and_scatter), "slices" (9 strided window offsets; same selection, ties
+    # included), "auto": slices on CPUs, where XLA's is a slow loop, xla elsewhere.
+    c.model.max_pool_grad = "auto"
     c.model.activation = "relu"
     c.model.dropout_rate = 0.5
 
@@ -176,6 +179,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                         "(same speed on GPUs and TPUs, float32's range) or auto")
     elif m.dtype not in DTYPES:
         problems.append(f"model.dtype must be one of {', '.join(DTYPES)} (got {m.dtype!r})")
+    if m.get("max_pool_grad", "auto") not in models.MAX_POOL_GRADS:
+        problems.append(f"model.max_pool_grad must be one of {', '.join(models.MAX_POOL_GRADS)} "
+                        f"(got {m.max_pool_grad!r})")
     if m.num_classes < 2:
         problems.append(f"model.num_classes must be >= 2 (got {m.num_classes})")
     if not m.width > 0:

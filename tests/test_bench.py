@@ -73,9 +73,57 @@ def test_bench_reports_positive_finite_numbers_with_their_device(bench):
 
 def test_help_names_the_subcommands_and_the_flags():
     result = run_cli("alexnet_jax.bench", "--help")  # absl's --help exits 1, as for every other command
-    for word in ("step", "loop", "pipeline", "e2e", "--config.KEY=VALUE", "--steps", "--warmup", "--workers",
-                 "--images", "--json"):
+    for word in ("step", "loop", "pipeline", "e2e", "layers", "--config.KEY=VALUE", "--steps", "--warmup",
+                 "--workers", "--images", "--json", "--torch"):
         assert word in result.stdout, word
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_step_with_torch_times_the_pytorch_reference_in_the_same_process():
+    pytest.importorskip("torch")
+    result = run_cli("alexnet_jax.bench", "step", "--torch", "--json", *TINY, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert _positive(report["torch_img_per_s"]) and _positive(report["torch_ms_per_step"])
+    assert report["jax_to_torch"] == pytest.approx(report["img_per_s"] / report["torch_img_per_s"], abs=2e-3)
+    assert report["torch_device"] == "cpu: cpu" and report["torch"]
+    torch_lines = [line for line in lines[:-1] if line.lstrip().startswith("torch ")]
+    assert len(torch_lines) == 1 and "ours/torch" in torch_lines[0] and "[cpu: cpu]" in torch_lines[0]
+
+
+def test_layers_times_every_convolution_and_pool_beside_pytorch():
+    """bench layers at the tiny model's shapes: the five convolutions (their inputs follow the model's pooling)
+    and three pools, each op timed; PyTorch's results on the same inputs match ours, so the rows compare the same
+    work; the step total is the sum the docstring describes (conv1's input gradient left out)."""
+    pytest.importorskip("torch")
+    result = run_cli("alexnet_jax.bench", "layers", "--torch", "--json", *TINY, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    convs, pools = report["convolutions"], report["pools"]
+    assert [c["layer"] for c in convs] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    # width 1/16 of 64-192-384-256-256 at 64 px, batch 8: 64 -> conv1 15 -> pool 7 -> conv2 7 -> pool 3
+    assert [c["input"] for c in convs] == [[8, 64, 64, 3], [8, 7, 7, 4], [8, 3, 3, 12], [8, 3, 3, 24], [8, 3, 3, 16]]
+    assert convs[0]["kernel"] == [11, 11, 3, 4] and convs[0]["stride"] == 4
+    assert [p["input"] for p in pools] == [[8, 15, 15, 4], [8, 7, 7, 12], [8, 3, 3, 16]]
+    for row in convs:
+        for key in ("fwd_ms", "dx_ms", "dw_ms", "torch_fwd_ms", "torch_dx_ms", "torch_dw_ms"):
+            assert _positive(row[key]), (row["layer"], key)
+        for op in ("fwd", "dx", "dw"):
+            assert row[f"{op}_rel_diff"] < 1e-4, (row["layer"], op, row[f"{op}_rel_diff"])
+    for row in pools:
+        for key in ("fwd_ms", "grad_xla_ms", "grad_slices_ms", "torch_fwd_ms", "torch_grad_ms"):
+            assert _positive(row[key]), (row["layer"], key)
+    assert report["max_pool_grad"] == "slices"  # model.max_pool_grad=auto on a CPU
+    expected = (sum(c["fwd_ms"] + c["dw_ms"] for c in convs) + sum(c["dx_ms"] for c in convs[1:])
+                + sum(p["fwd_ms"] + p["grad_slices_ms"] for p in pools))
+    assert report["train_ops_ms"] == pytest.approx(expected, abs=0.01)
+    assert _positive(report["torch_train_ops_ms"])
+    assert report["device"] in lines[0] and "load average" in lines[0] and report["device"] in lines[-2]
 
 
 PIPELINE_KEYS = ("pipeline_img_per_s", "pipeline_1worker_img_per_s", "pil_baseline_img_per_s",
@@ -103,8 +151,9 @@ def test_pipeline_reports_jpeg_and_raw_record_rates_with_its_device():
     (["loop", "--config.batch_size=abc"], "config.batch_size"),
     (["e2e", "--steps=0"], "--steps"),
     (["pipeline", "--data=/no/such/dir"], "--data"),
-    (["train"], "step | loop | pipeline | e2e"),
-    ([], "step | loop | pipeline | e2e"),
+    (["train"], "step | loop | pipeline | e2e | layers"),
+    ([], "step | loop | pipeline | e2e | layers"),
+    (["step", "--torch", "--config.model.variant=original"], "model.variant=original"),
     (["step", "--config=configs/no_such_file.py"], "no_such_file.py"),
 ])
 def test_bad_usage_exits_2_naming_the_flag(args, named):

@@ -315,7 +315,8 @@ def test_create_model_reads_the_config():
 @pytest.mark.parametrize(
     "overrides, key",
     [({"variant": "vgg"}, "model.variant"), ({"activation": "gelu"}, "model.activation"),
-     ({"dtype": "floaty"}, "model.dtype"), ({"width": 0.0}, "model.width")],
+     ({"dtype": "floaty"}, "model.dtype"), ({"width": 0.0}, "model.width"),
+     ({"max_pool_grad": "fast"}, "model.max_pool_grad")],
 )
 def test_create_model_rejects_bad_values_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=key):
@@ -348,3 +349,59 @@ def test_auto_dtype_is_float32_on_cpu_and_float16_is_refused():
     assert compute_dtype("bfloat16") == jnp.bfloat16
     with pytest.raises(config_lib.ConfigError, match="model.dtype=float16 is refused"):
         config_lib.validate(tiny_config(**{"model.dtype": "float16"}), 1)
+
+
+def _pool_grads(x, g):
+    from alexnet_jax.models import max_pool
+
+    return [np.asarray(jax.jit(lambda x, g, grad=grad: jax.vjp(lambda x: max_pool(x, grad), x)[1](g)[0])(x, g))
+            for grad in ("xla", "slices")]
+
+
+@pytest.mark.parametrize("shape", [(2, 55, 55, 8), (3, 13, 13, 5), (1, 12, 17, 3), (2, 3, 3, 4)])
+def test_slice_max_pool_gradient_picks_the_same_element_as_xla_ties_included(shape):
+    """model.max_pool_grad=slices against XLA's select_and_scatter. Small integers make ties in almost every window
+    (the case ReLU's zeros create) and integer output gradients make every sum exact, so the two must be bit-equal:
+    each window's gradient goes to the same element. Odd, even, non-square and single-window sizes."""
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(rng.integers(0, 3, shape).astype(np.float32))
+    from alexnet_jax.models import max_pool
+
+    g = jnp.asarray(rng.integers(-8, 9, max_pool(x).shape).astype(np.float32))
+    xla, slices = _pool_grads(x, g)
+    assert np.abs(xla).sum() > 0
+    np.testing.assert_array_equal(slices, xla)
+    np.testing.assert_array_equal(np.asarray(max_pool(x, "slices")), np.asarray(max_pool(x, "xla")))
+
+
+def test_slice_max_pool_gradient_on_real_values_differs_only_by_summation_order():
+    """With real-valued gradients an input element shared by overlapping windows sums their shares in another
+    order: equal to float rounding, in float32 and bfloat16."""
+    rng = np.random.default_rng(0)
+    for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
+        x = jnp.asarray(rng.standard_normal((4, 27, 27, 16)), dtype)
+        g = jnp.asarray(rng.standard_normal((4, 13, 13, 16)), dtype)
+        xla, slices = _pool_grads(x, g)
+        np.testing.assert_allclose(slices.astype(np.float32), xla.astype(np.float32), rtol=tol, atol=tol)
+
+
+def test_whole_model_gradients_agree_between_max_pool_gradients():
+    """The train loss's parameter gradients through all three pools, with either implementation (BatchNorm
+    variant in train mode; ReLU zeros make pooling ties)."""
+    from alexnet_jax.models import resolve_max_pool_grad
+
+    assert resolve_max_pool_grad("auto") == ("slices" if jax.default_backend() == "cpu" else "xla")
+    x = jax.random.normal(fast_key(3), (4, 64, 64, 3))
+    labels = jnp.arange(4) % 10
+    grads = []
+    for grad in ("xla", "slices"):
+        model = AlexNet("bn", 10, width=TINY_WIDTH, max_pool_grad=grad, rngs=nnx.Rngs(0))
+        model.train()
+
+        def loss(model):
+            logits = model(x, rngs=nnx.Rngs(dropout=fast_key(4)))
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
+
+        grads.append(nnx.to_pure_dict(nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param))(model)))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
