@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Callable, Mapping
 
@@ -115,29 +116,31 @@ def max_pool_slice_grad(x: jax.Array) -> jax.Array:
 
 
 def _max_pool_fwd(x):
-    y = _max_pool(x)
-    return y, (x, y)
+    return _max_pool(x), x
 
 
-def _max_pool_bwd(residuals, g):
-    x, y = residuals
+def _max_pool_bwd(x, g):
     _, height, width, _ = x.shape
-    out_h, out_w = y.shape[1], y.shape[2]
+    out_h, out_w = g.shape[1], g.shape[2]
     span_h, span_w = _POOL_STRIDE * (out_h - 1) + 1, _POOL_STRIDE * (out_w - 1) + 1
-    taken = jnp.zeros(y.shape, bool)  # windows whose maximum already received the gradient
+    offsets = [(i, j) for i in range(_POOL_WINDOW) for j in range(_POOL_WINDOW)]
+    # at_offset[k][:, a, b] = x[:, i + 2a, j + 2b]: element (i, j) of window (a, b), for offset k = (i, j)
+    at_offset = [jax.lax.slice(x, (0, i, j, 0), (x.shape[0], i + span_h, j + span_w, x.shape[3]),
+                               (1, _POOL_STRIDE, _POOL_STRIDE, 1)) for i, j in offsets]
+    # The maximum is taken again from these very values rather than kept from the forward pass: XLA may
+    # recompute x for the backward pass in another fusion, and a maximum that differs from it in the last bit
+    # would match no element and drop the window's gradient. select_and_scatter also searches its own operand.
+    maximum = functools.reduce(jnp.maximum, at_offset)
+    taken = jnp.zeros(g.shape, bool)  # windows whose maximum already received the gradient
     dx = jnp.zeros_like(x)
     zero = jnp.zeros((), x.dtype)
-    for i in range(_POOL_WINDOW):
-        for j in range(_POOL_WINDOW):
-            # x[:, i + 2a, j + 2b] is offset (i, j) of window (a, b)
-            at_offset = jax.lax.slice(x, (0, i, j, 0), (x.shape[0], i + span_h, j + span_w, x.shape[3]),
-                                      (1, _POOL_STRIDE, _POOL_STRIDE, 1))
-            first = (at_offset == y) & ~taken
-            taken = taken | first
-            # ...and back: window (a, b)'s share lands on x[:, i + 2a, j + 2b] (interior padding spreads it out)
-            dx = dx + jax.lax.pad(jnp.where(first, g, zero), zero, [
-                (0, 0, 0), (i, height - i - span_h, _POOL_STRIDE - 1), (j, width - j - span_w, _POOL_STRIDE - 1),
-                (0, 0, 0)])
+    for (i, j), values in zip(offsets, at_offset):
+        first = (values == maximum) & ~taken
+        taken = taken | first
+        # ...and back: window (a, b)'s share lands on x[:, i + 2a, j + 2b] (interior padding spreads it out)
+        dx = dx + jax.lax.pad(jnp.where(first, g, zero), zero, [
+            (0, 0, 0), (i, height - i - span_h, _POOL_STRIDE - 1), (j, width - j - span_w, _POOL_STRIDE - 1),
+            (0, 0, 0)])
     return (dx,)
 
 

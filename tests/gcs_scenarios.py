@@ -11,6 +11,8 @@ REPORT.json, which the test asserts on. Scenarios:
   data     ImageFolder JPEGs (and a flat val folder with LOC_val_solution.csv) uploaded to the bucket, converted to
            ArrayRecord shards in the bucket; both trained on
   errors   a missing object and a missing bucket as data paths
+  elastic  a gs:// run of 2 processes x 2 devices whose last checkpoint is deleted, resumed from the bucket by 1
+           process x 2 devices; and a 1 x 2 run resumed by 2 x 2: the losses of both runs, from the bucket
   inference  predict, evaluate and export reading the gs:// workdir of `resume` (export writing to gs://)
   import   import_torchvision from weights in the bucket to a gs:// --out, and predict from it (needs torch)
 """
@@ -128,6 +130,42 @@ def scenario_resume(fs, tmp) -> dict:
             "event_files": [p for p in fs.ls(f"{BUCKET}/resume") if "tfevents" in p]}
 
 
+def train_processes(workdir: str, processes: int, devices: int, *args, timeout=300) -> dict:
+    """A digits run of `processes` trainer processes with `devices` CPU devices each, joined over loopback."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    command = [sys.executable, "-m", "alexnet_jax.main", f"--workdir={workdir}", *DIGITS, *args]
+    cluster = [f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={processes}"]
+    procs = [subprocess.Popen([*command, *(cluster + [f"--process_id={i}"] if processes > 1 else [])], cwd=REPO,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(processes)]
+    try:
+        errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        return {"rc": "timeout", "stderr": "", "resumed": []}
+    return {"rc": max(abs(p.returncode) for p in procs), "stderr": errors[0][-4000:],
+            "resumed": [line.split("] ", 1)[-1] for line in errors[0].splitlines() if "Resumed from" in line]}
+
+
+def scenario_elastic(fs) -> dict:
+    """Both directions of a resume on another process count, with the workdir in the bucket."""
+    steps = ["--config.num_train_steps=8", "--config.checkpoint_every_steps=4", "--config.model.dropout_rate=0.0"]
+    report = {}
+    for name, first, then in (("2x2->1x2", (2, 2), (1, 2)), ("1x2->2x2", (1, 2), (2, 2))):
+        workdir = f"gs://{BUCKET}/elastic-{first[0]}x{first[1]}"
+        uninterrupted = train_processes(workdir, *first, *steps)
+        fs.invalidate_cache()
+        rows = train_rows(fs.cat(f"{workdir[5:]}/metrics.jsonl").decode())
+        fs.rm(f"{workdir[5:]}/checkpoints/8", recursive=True)  # as if the run had stopped after step 4's save
+        fs.invalidate_cache()
+        resumed = train_processes(workdir, *then, *steps)
+        fs.invalidate_cache()
+        report[name] = {"first": uninterrupted, "rows": rows, "resumed": resumed,
+                        "resumed_rows": train_rows(fs.cat(f"{workdir[5:]}/metrics.jsonl").decode())}
+    return report
+
+
 def write_jpegs(root: str) -> None:
     """Smooth colour pictures (JPEG keeps them close) of 2 classes: train/<class>/ (8 each) and a flat val/ folder
     of 16 labelled by LOC_val_solution.csv one level up, as in Kaggle's ImageNet layout."""
@@ -239,6 +277,7 @@ def main(report_path: str) -> None:
             os.makedirs(os.path.join(tmp, "errors"))
             for name, run in (("resume", lambda: scenario_resume(fs, tmp)), ("data", lambda: scenario_data(fs, tmp)),
                               ("errors", lambda: scenario_errors(os.path.join(tmp, "errors"))),
+                              ("elastic", lambda: scenario_elastic(fs)),
                               ("inference", lambda: scenario_inference(fs, tmp)),
                               ("import", lambda: scenario_import(fs, tmp))):
                 started = time.time()

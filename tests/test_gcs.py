@@ -35,7 +35,7 @@ def report(tmp_path_factory):
                          capture_output=True, text=True, timeout=900)
     assert path.exists(), run.stderr[-3000:]
     report = json.loads(path.read_text())
-    assert set(report) == {"resume", "data", "errors", "inference", "import"}, run.stderr[-3000:]  # none crashed
+    assert set(report) == {"resume", "data", "errors", "elastic", "inference", "import"}, run.stderr[-3000:]  # none crashed
     return report
 
 
@@ -61,6 +61,23 @@ def test_killed_gs_run_resumes_from_the_bucket_with_the_same_losses(report):
     for step, loss in resume["resumed_rows"]:
         assert loss == pytest.approx(straight[step], abs=1e-5), step
     assert resume["event_files"], "TensorBoard events are written to the bucket too"
+
+
+@pytest.mark.parametrize("run", ["2x2->1x2", "1x2->2x2"])
+def test_a_gs_checkpoint_resumes_on_another_process_count(report, run):
+    """Elastic resume with the workdir in the bucket: written by 2 processes x 2 devices, restored by 1 x 2 (and
+    the other way), the same global batch; steps 5-8 trained again give the uninterrupted run's losses (first 8
+    steps: within float rounding, see tests/test_multiprocess.py)."""
+    result = report["elastic"][run]
+    _ok(result["first"])
+    _ok(result["resumed"])
+    workdir = f"gs://alexnet-test/elastic-{run[:3]}"
+    assert result["resumed"]["resumed"] == [f"Resumed from {workdir}/checkpoints at step 4"]
+    first = dict(map(tuple, result["rows"]))
+    assert sorted(first) == list(range(1, 9))
+    assert [step for step, _ in result["resumed_rows"]] == list(range(1, 9))  # one row per step, in the bucket
+    for step, loss in result["resumed_rows"]:
+        assert loss == pytest.approx(first[step], rel=1e-5), step
 
 
 def test_imagefolder_and_arrayrecord_data_are_read_from_gs(report):
