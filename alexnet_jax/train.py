@@ -385,9 +385,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         resize_size=config.data.resize_size, eval_crops=config.data.eval_crops, workers=config.data.workers,
         process_index=jax.process_index(), process_count=jax.process_count())
     profile = config_lib.profile_range(config)
-    step, last_log, last_eval, pending = start_step, start_step, {}, []
+    # `pending`: this log window's per-step metrics, still on the device; `ready`: finished windows (step, metrics)
+    # not yet reported. Rows are fetched one log step late, when the device is long past them, so the host never
+    # waits for the step it has just dispatched; before an eval or a save, which wait for the device anyway, every
+    # finished window is reported, so rows and rollback checks are up to date there.
+    step, last_log, last_eval, pending, ready = start_step, start_step, {}, [], []
+    skipped_total = int(jax.device_get(state.skipped_steps))  # counted on the host from each row's steps
     batches, throughput = batches_from(step), metrics.Throughput(config.batch_size, step, total_steps)
     preemption = checkpointing.PreemptionWatch(manager)
+
+    def report(window_step, window):
+        """Writes and logs the row of the window ending at `window_step`; returns the spike detector's verdict."""
+        nonlocal skipped_total
+        window = jax.device_get(window)
+        row = metrics.summarize_window(window, layer_names)
+        row["img_per_s"], eta = throughput.update(window_step)
+        skipped_total += sum(bool(m["skipped"]) for m in window)
+        row["skipped_steps"] = skipped_total
+        row["rollbacks"] = recovery.rollbacks
+        writer.write(window_step, row)
+        metrics.log_train(window_step, total_steps, row, eta)
+        return recovery.check(window_step, window)
+
     try:
         while step < total_steps:
             if profile and step == profile[0]:
@@ -405,38 +424,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 del step_metrics["layer_grad_norms"]  # computed for free, fetched only every layer_stats_every
             pending.append(step_metrics)
             if log_now:
-                window, pending, last_log = jax.device_get(pending), [], step  # the only sync between logs
-                row = metrics.summarize_window(window, layer_names)
-                row["img_per_s"], eta = throughput.update(step)
-                row["skipped_steps"] = int(jax.device_get(state.skipped_steps))
-                row["rollbacks"] = recovery.rollbacks
-                writer.write(step, row)
-                metrics.log_train(step, total_steps, row, eta)
-                reason = recovery.check(step, window)
-                if reason is not None:
-                    state = recovery.rollback(state, step, reason)  # raises TrainingStopped past the limit
-                    restored_step = int(jax.device_get(state.step))
-                    writer.write(step, {"rollbacks": recovery.rollbacks, "rollback_reason": reason,
-                                        "rolled_back_to": restored_step})
-                    step = last_log = restored_step  # rows of the replayed steps are written again
-                    batches.close()
-                    batches = batches_from(step)
-                    throughput = metrics.Throughput(config.batch_size, step, total_steps)
-                    continue
+                ready, pending, last_log = [*ready, (step, pending)], [], step
             # A stop request is honoured before an eval, so a preemption notice never waits for one.
             stop_reason = preemption.reason(step, log_now)
             evaluated = not stop_reason and (step % eval_every == 0 or last)
+            # Every eval is followed by a checkpoint, so the best-eval_top1 one is kept whatever the cadences.
+            saving = bool(stop_reason) or evaluated or step % config.checkpoint_every_steps == 0 or last
+            due, ready = (ready, []) if saving else (ready[:-1], ready[-1:])
+            verdict = None
+            for window_step, window in due:
+                verdict = report(window_step, window)
+                if verdict is not None:
+                    break
+            if verdict is not None:
+                state = recovery.rollback(state, step, verdict)  # raises TrainingStopped past the limit
+                restored_step = int(jax.device_get(state.step))
+                skipped_total = int(jax.device_get(state.skipped_steps))
+                writer.write(step, {"rollbacks": recovery.rollbacks, "rollback_reason": verdict,
+                                    "rolled_back_to": restored_step})
+                step = last_log = restored_step  # rows of the replayed steps are written again
+                pending, ready = [], []
+                batches.close()
+                batches = batches_from(step)
+                throughput = metrics.Throughput(config.batch_size, step, total_steps)
+                if not stop_reason:
+                    continue
+                # Stopping right after a rollback: the restored checkpoint (its controls re-saved) is where a
+                # rerun resumes, unless training went on from the spike, which no checkpoint holds yet.
+                evaluated, saving = False, step not in manager.all_steps()
             if evaluated:
                 with throughput.paused() as pause:
                     last_eval = evaluate(eval_fn, {"params": state.params, "batch_stats": state.batch_stats},
                                          eval_source, config, mesh, batches=eval_passes())
                 writer.write(step, last_eval)
                 metrics.log_eval(step, last_eval, pause.seconds)
-            # Every eval is followed by a checkpoint, so the best-eval_top1 one is kept whatever the cadences.
-            if step % config.checkpoint_every_steps == 0 or last or stop_reason or evaluated:
+            if saving:
                 with throughput.paused():
                     save_checkpoint(manager, state, config, class_names, last_eval if evaluated else None)
-                    writer.flush()  # the rows up to a checkpoint must outlive a kill (on GCS they are uploaded whole)
+            if saving or stop_reason:
+                writer.flush()  # the rows up to a checkpoint must outlive a kill (on GCS they are uploaded whole)
             if stop_reason:
                 manager.wait_until_finished()
                 raise Preempted(f"stopped at step {step} on {stop_reason}: checkpoint saved in "
