@@ -65,9 +65,30 @@ def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDic
     ))
 
 
+def _restore_in_step(manager: ocp.CheckpointManager, step: int, args):
+    """manager.restore(step, args), keeping a process whose read fails in step with the others.
+
+    Each process reads only the shards its devices hold, so a damaged file can fail the restore on one process
+    alone. Orbax's restore ends in a barrier (a collective, "Checkpointer:restore") that the processes whose read
+    succeeded are waiting in; a failed process that went on to the next collective (the vote in any_process)
+    would be paired with the wrong one and hang or crash the job. So it first meets them at that barrier, then
+    raises. The barrier's name and process set are Orbax's internals (orbax-checkpoint 0.11-0.12's
+    Checkpointer.restore); the defaults used where they are missing are Orbax's own."""
+    try:
+        return manager.restore(step, args=args)
+    except Exception:
+        if jax.process_count() > 1:
+            checkpointer = getattr(manager, "_checkpointer", None)
+            ocp.multihost.sync_global_processes(
+                ocp.multihost.unique_barrier_key("Checkpointer:restore",
+                                             prefix=getattr(checkpointer, "_barrier_sync_key_prefix", None)),
+                processes=getattr(checkpointer, "_active_processes", None))
+        raise
+
+
 def restore_train_state(manager: ocp.CheckpointManager, step: int, target_state):
     """The full TrainState at `step`, read straight onto the shardings of `target_state` (ShapeDtypeStructs)."""
-    restored = manager.restore(step, args=ocp.args.Composite(
+    restored = _restore_in_step(manager, step, ocp.args.Composite(
         model=ocp.args.StandardRestore({"params": target_state.params, "batch_stats": target_state.batch_stats}),
         train=ocp.args.StandardRestore({"step": target_state.step, "opt_state": target_state.opt_state,
                                         "skipped_steps": target_state.skipped_steps}),
@@ -115,9 +136,7 @@ def restore_newest_good(manager: ocp.CheckpointManager, target_state, config: ml
     Nothing is deleted, and the bad step can no longer block a later save of the same step number. A readable
     checkpoint from another model or optimizer is not damage: IncompatibleCheckpoint stops the run instead.
     Each process reads only its own shards, so damage may show on one process alone: all of them agree that a
-    step is unusable before any moves on, and so restore the same step. (A restore that fails on one process only
-    can still leave the others in a barrier inside Orbax's restore; on shared storage every process sees the
-    same damage.)
+    step is unusable before any moves on (see _restore_in_step), and so restore the same step.
     """
     for step in sorted(manager.all_steps(), reverse=True):
         directory = storage.join(manager.directory, str(step))
@@ -151,7 +170,7 @@ def restore_newest_good(manager: ocp.CheckpointManager, target_state, config: ml
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return _restore_in_step(manager, step, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
 def restore_model(manager: ocp.CheckpointManager, step: int, abstract_model: dict) -> dict:

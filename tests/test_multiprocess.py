@@ -113,3 +113,40 @@ def test_a_checkpoint_resumes_on_another_process_count(runs, resumed, uninterrup
     assert resumed_losses == pytest.approx(losses, rel=1e-5)
     assert resumed_eval["eval_examples"] == 359
     assert resumed_eval["eval_top1"] == pytest.approx(last_eval["eval_top1"], abs=1e-6)
+
+
+def test_a_checkpoint_one_process_cannot_read_is_given_up_by_all(tmp_path):
+    """Damage that only one process sees: each process reads only its own shards, so a bad file can fail the
+    restore on one host alone. Here each process resumes from its own copy of a finished 2-process run and only
+    process 1's copy of the newest checkpoint is truncated. Both must agree to give it up, and both resume from
+    the one before; without that agreement process 0 waits in Orbax's restore barrier while process 1 votes,
+    and the job hangs."""
+    _finish(_start(tmp_path / "run", 2, 1))
+    views = [tmp_path / "view0", tmp_path / "view1"]
+    for view in views:
+        shutil.copytree(tmp_path / "run", view)
+    for root, _, files in os.walk(views[1] / "checkpoints" / str(STEPS)):
+        for name in files:
+            if os.sep + "d" in root:  # the array data files, not the metadata
+                path = os.path.join(root, name)
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 3)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "alexnet_jax.main", f"--workdir={view}", *ARGS, "--config.num_train_steps=4",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i, view in enumerate(views)]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+        assert f"Resumed from {views[procs.index(p)]}/checkpoints at step 4" in out, out[-3000:]
+    assert "cannot be restored (another process could not read its part)" in outputs[0], outputs[0][-3000:]
+    assert "cannot be restored (" in outputs[1] and "another process" not in outputs[1], outputs[1][-3000:]
+    # process 0 moves the checkpoint aside (in its view): it is no longer a step anyone resumes from
+    assert any(n.startswith(f"{STEPS}.corrupt-") for n in os.listdir(views[0] / "checkpoints"))
