@@ -564,21 +564,17 @@ def run_step(config) -> dict:
 
 def _torch_reference(config):
     """The torch_reference module, or a UsageError saying why --torch cannot run with this config."""
+    import jax
+
     try:
         from alexnet_jax import torch_reference
     except ImportError:
         raise UsageError("--torch needs PyTorch: pip install torch") from None
     if config.model.variant not in ("owt", "bn"):
         raise UsageError(f"--torch: the PyTorch reference has owt and bn, not model.variant={config.model.variant}")
-    if int(config.mesh.model) != 1 or _device_count() != 1:
+    if int(config.mesh.model) != 1 or jax.device_count() != 1:
         raise UsageError("--torch compares one device: run it with a single device and mesh.model=1")
     return torch_reference
-
-
-def _device_count() -> int:
-    import jax
-
-    return jax.device_count()
 
 
 def _fed_loop(bench: str, config, source, extra: dict) -> dict:

@@ -113,9 +113,9 @@ def _pool_rows(shapes, dtype, *, steps: int, warmup: int, with_torch: bool) -> l
         out = (h + 2 * row["padding"] - row["kernel"][0]) // row["stride"] + 1
         x = jnp.asarray(np.random.default_rng(1).standard_normal((n, out, out, row["kernel"][3])), dtype)
         g = jnp.ones(jax.eval_shape(models.max_pool, x).shape, dtype)
+        forward = jax.jit(models.max_pool)
         result = {"layer": f"pool after {row['layer']}", "input": list(x.shape),
-                  "fwd_ms": _median_ms(lambda: jax.jit(models.max_pool)(x), steps=steps, warmup=warmup,
-                                       sync=jax.block_until_ready)}
+                  "fwd_ms": _median_ms(lambda: forward(x), steps=steps, warmup=warmup, sync=jax.block_until_ready)}
         for grad in ("xla", "slices"):
             fn = jax.jit(lambda x, grad=grad: jax.vjp(lambda x: models.max_pool(x, grad), x)[1](g)[0])
             result[f"grad_{grad}_ms"] = _median_ms(lambda fn=fn: fn(x), steps=steps, warmup=warmup,
