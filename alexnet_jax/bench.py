@@ -175,14 +175,15 @@ def pil_baseline_parallel(paths: list[str], image_size: int, resize_size: int, p
 
 
 def pipeline_throughput(source, *, workers: int, batch_size: int, images: int, image_size: int, resize_size: int,
-                        augment: str = "alexnet") -> dict:
+                        augment: str = "alexnet", worker_threads: int = 0, worker_buffer: int = 1) -> dict:
     """img/s and CPU ms/img of the train pipeline over `images` images, after its first batch (worker start-up,
     imports and the first prefetch are not counted)."""
     import multiprocessing
 
     from alexnet_jax.data import pipeline
 
-    batches = pipeline.train_batches(source, workers=workers, global_batch_size=batch_size, seed=0,
+    batches = pipeline.train_batches(source, workers=workers, worker_threads=worker_threads,
+                                     worker_buffer=worker_buffer, global_batch_size=batch_size, seed=0,
                                      image_size=image_size, resize_size=resize_size, augment=augment)
     next(batches)
     children = [p.pid for p in multiprocessing.active_children()]
@@ -272,7 +273,8 @@ def run_pipeline(config) -> dict:
         print(f"pil baseline over {len(paths)} files ...", file=sys.stderr)
         baseline = pil_baseline(paths, image_size, resize_size)
         kwargs = dict(batch_size=batch_size, images=max(len(paths), 2 * batch_size), image_size=image_size,
-                      resize_size=resize_size, augment=augment)
+                      resize_size=resize_size, augment=augment, worker_threads=int(config.data.worker_threads),
+                      worker_buffer=int(config.data.worker_buffer))
         print(f"pil baseline in {workers} processes ...", file=sys.stderr)
         baseline_parallel = pil_baseline_parallel(paths, image_size, resize_size, workers)
         print("pipeline, 1 worker ...", file=sys.stderr)
@@ -299,6 +301,8 @@ def run_pipeline(config) -> dict:
         "per_core_speedup": round(baseline["cpu_ms_per_img"] / one["cpu_ms_per_img"], 3),
         "raw_records_speedup": round(raw["img_per_s"] / baseline["img_per_s"], 3),
         "workers": workers,
+        "worker_threads": int(config.data.worker_threads),
+        "worker_buffer": int(config.data.worker_buffer),
         "batch_size": batch_size,
         "images": len(paths),
         "mean_file_kb": round(float(np.mean(sizes)) / 1024, 1),
@@ -319,7 +323,8 @@ def run_pipeline(config) -> dict:
     print(f"pipeline  x1   {result['pipeline_1worker_img_per_s']:8.1f} img/s  "
           f"{result['pipeline_1worker_cpu_ms_per_img']:.2f} CPU ms/img (1 worker)")
     print(f"pipeline  x{workers:<3d}{result['pipeline_img_per_s']:8.1f} img/s  "
-          f"{result['pipeline_cpu_ms_per_img']:.2f} CPU ms/img ({workers} workers, {os.cpu_count()} CPUs)")
+          f"{result['pipeline_cpu_ms_per_img']:.2f} CPU ms/img ({workers} workers, {os.cpu_count()} CPUs; each "
+          f"worker: {result['worker_threads']} decode threads, {result['worker_buffer']} batches buffered)")
     print(f"raw records x1 {result['raw_records_1worker_img_per_s']:8.1f} img/s  "
           f"{result['raw_records_1worker_cpu_ms_per_img']:.2f} CPU ms/img (1 worker, "
           f"{result['raw_record_kb']:.0f} KB/image against {result['mean_file_kb']:.0f} KB/JPEG)")
@@ -589,7 +594,7 @@ def _fed_loop(bench: str, config, source, extra: dict) -> dict:
     step_report, mesh, state, compiled, flops = _bench_step(config, 2 * (warmup + 2 * steps))
     start = time.perf_counter()
     batches = [pipeline.train_batches(
-        source, workers=config.data.workers, global_batch_size=config.batch_size, seed=config.seed,
+        source, **pipeline.feed_options(config.data), global_batch_size=config.batch_size, seed=config.seed,
         image_size=config.data.image_size, resize_size=config.data.resize_size, augment=config.data.augment,
         process_index=jax.process_index(), process_count=jax.process_count())]
     first = [next(batches[0])]  # worker start-up and the first prefetch: reported apart, not in the timed steps
@@ -613,7 +618,7 @@ def _fed_loop(bench: str, config, source, extra: dict) -> dict:
             "step_img_per_s": step_only["img_per_s"], "loop_img_per_s": fed["img_per_s"],
             "loop_to_step": round(fed["img_per_s"] / step_only["img_per_s"], 3),
             "step_mfu": step_only["mfu"], "step": step_only,
-            "workers": int(config.data.workers), "first_batch_s": round(first_batch_s, 3),
+            **pipeline.feed_options(config.data), "first_batch_s": round(first_batch_s, 3),
             "resize_size": int(config.data.resize_size), "augment": config.data.augment, **extra, **_host_info()}
 
 

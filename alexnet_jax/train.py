@@ -197,7 +197,8 @@ def evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=None) -> di
         own = pipeline.eval_batches(
             eval_source, global_batch_size=eval_batch_size(config), image_size=config.data.image_size,
             resize_size=config.data.resize_size, eval_crops=config.data.eval_crops,
-            process_index=jax.process_index(), process_count=jax.process_count(), workers=config.data.workers)
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            **pipeline.feed_options(config.data))
         try:
             return evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=own)
         finally:
@@ -375,15 +376,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def batches_from(step):  # step s trains on global batch s + batch_offset (moved on only by rollbacks)
         return pipeline.train_batches(
-            train_source, start_step=step + recovery.batch_offset, workers=config.data.workers,
+            train_source, start_step=step + recovery.batch_offset, **pipeline.feed_options(config.data),
             global_batch_size=config.batch_size, seed=config.seed, image_size=config.data.image_size,
             resize_size=config.data.resize_size, augment=config.data.augment,
             process_index=jax.process_index(), process_count=jax.process_count())
 
     eval_passes = pipeline.EvalPasses(
         eval_source, global_batch_size=eval_batch_size(config), image_size=config.data.image_size,
-        resize_size=config.data.resize_size, eval_crops=config.data.eval_crops, workers=config.data.workers,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        resize_size=config.data.resize_size, eval_crops=config.data.eval_crops,
+        process_index=jax.process_index(), process_count=jax.process_count(), **pipeline.feed_options(config.data))
     profile = config_lib.profile_range(config)
     # `pending`: this log window's per-step metrics, still on the device; `ready`: finished windows (step, metrics)
     # not yet reported. Rows are fetched one log step late, when the device is long past them, so the host never

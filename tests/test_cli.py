@@ -18,6 +18,9 @@ TINY = ["--config.model.width=0.0625", "--config.batch_size=16", "--config.num_t
     ("--config.optim.learning_rate=-0.1", "optim.learning_rate"),
     ("--config.data.source=imagefolder", "data.train_path"),
     ("--config.batch_size=63", "batch_size"),
+    ("--config.data.worker_threads=-1", "data.worker_threads"),
+    ("--config.data.worker_buffer=0", "data.worker_buffer"),
+    ("--config.model.max_pool_grad=fast", "model.max_pool_grad"),
 ])
 def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path, override, key):
     workdir = tmp_path / "run"

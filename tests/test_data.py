@@ -411,3 +411,16 @@ def test_worker_processes_yield_the_same_batches():
     want_eval = list(pipeline.eval_batches(source, **eval_kwargs()))
     got_eval = list(pipeline.eval_batches(source, workers=1, **eval_kwargs()))
     assert_batches_equal(got_eval, want_eval)
+
+
+def test_decode_threads_and_buffers_in_the_workers_keep_the_batches():
+    """data.worker_threads / data.worker_buffer change how the workers read, never what: same batches in the
+    same order, train and eval."""
+    source = sources.SyntheticSource(40, RESIZE_SIZE, num_classes=5, seed=1)
+    kwargs = train_kwargs(process_index=1, process_count=2)
+    want = take(pipeline.train_batches(source, start_step=2, **kwargs), 6)
+    got = take(pipeline.train_batches(source, start_step=2, workers=1, worker_threads=3, worker_buffer=3, **kwargs), 6)
+    assert_batches_equal(got, want)
+    want_eval = list(pipeline.eval_batches(source, **eval_kwargs()))
+    got_eval = list(pipeline.eval_batches(source, workers=1, worker_threads=2, worker_buffer=2, **eval_kwargs()))
+    assert_batches_equal(got_eval, want_eval)

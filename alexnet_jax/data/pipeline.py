@@ -169,14 +169,25 @@ def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _to_iterator(ds: grain.MapDataset, workers: int):
+def feed_options(data_config) -> dict:
+    """The pipeline's process/thread/prefetch settings from a config's data section, as keyword arguments of
+    train_batches, eval_batches and EvalPasses."""
+    return {"workers": int(data_config.workers), "worker_threads": int(data_config.get("worker_threads", 0)),
+            "worker_buffer": int(data_config.get("worker_buffer", 1))}
+
+
+def _to_iterator(ds: grain.MapDataset, workers: int, worker_threads: int = 0, worker_buffer: int = 1):
+    """Elements decode in `workers` processes (none: 2 threads here), each reading with `worker_threads` threads
+    (0: one element at a time; decoding releases the GIL, so threads use more cores per process) and keeping up
+    to `worker_buffer` finished batches ready."""
     if workers and not flags.FLAGS.is_parsed():
         # grain's worker start-up reads one of its absl flags; outside an absl app (pytest, notebooks) nobody
         # parsed them, so accept the defaults instead of failing.
         flags.FLAGS.mark_as_parsed()
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=2))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=worker_threads if workers else 2, prefetch_buffer_size=2))
     if workers:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_ignore_interrupts)
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer),
+                            worker_init_fn=_ignore_interrupts)
     return iter(it)
 
 
@@ -289,9 +300,10 @@ def train_dataset(source, *, global_batch_size: int, seed: int, image_size: int,
     return ds.batch(local, drop_remainder=True)[process_index::process_count]
 
 
-def train_batches(source, *, start_step: int = 0, workers: int = 0, **kwargs) -> BatchIterator:
+def train_batches(source, *, start_step: int = 0, workers: int = 0, worker_threads: int = 0, worker_buffer: int = 1,
+                  **kwargs) -> BatchIterator:
     """Iterator over this process's local train batches, starting at global batch `start_step`."""
-    iterator = _to_iterator(train_dataset(source, **kwargs)[start_step:], workers)
+    iterator = _to_iterator(train_dataset(source, **kwargs)[start_step:], workers, worker_threads, worker_buffer)
     return BatchIterator(iterator, source, kind="train", start_step=start_step,
                          global_batch_size=kwargs["global_batch_size"])
 
@@ -311,19 +323,22 @@ def eval_dataset(source, *, global_batch_size: int, image_size: int, resize_size
     return ds.batch(local)[process_index::process_count]
 
 
-def eval_batches(source, *, workers: int = 0, **kwargs) -> BatchIterator:
-    return BatchIterator(_to_iterator(eval_dataset(source, **kwargs), workers), source, kind="eval")
+def eval_batches(source, *, workers: int = 0, worker_threads: int = 0, worker_buffer: int = 1,
+                 **kwargs) -> BatchIterator:
+    iterator = _to_iterator(eval_dataset(source, **kwargs), workers, worker_threads, worker_buffer)
+    return BatchIterator(iterator, source, kind="eval")
 
 
 class EvalPasses:
     """Repeated passes over the eval split from one grain iterator, so worker processes start once per run
     rather than once per eval. Each call yields exactly one pass of this process's batches."""
 
-    def __init__(self, source, *, workers: int = 0, **kwargs):
+    def __init__(self, source, *, workers: int = 0, worker_threads: int = 0, worker_buffer: int = 1, **kwargs):
         ds = eval_dataset(source, **kwargs)
         self.batches_per_pass = len(ds)
         # The stream runs on into the next pass; the workers prefetch its first batches while training goes on.
-        self._batches = BatchIterator(_to_iterator(ds.repeat(None), workers), source, kind="eval")
+        self._batches = BatchIterator(_to_iterator(ds.repeat(None), workers, worker_threads, worker_buffer), source,
+                                      kind="eval")
 
     def __call__(self):
         for _ in range(self.batches_per_pass):
