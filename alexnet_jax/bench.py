@@ -1,4 +1,5 @@
-"""Benchmarks: python -m alexnet_jax.bench {step,loop,pipeline,e2e,layers} [--config=FILE] [--config.KEY=VALUE ...] [--json]
+"""Benchmarks: python -m alexnet_jax.bench {step,loop,pipeline,e2e,layers} [--config=FILE]
+[--config.KEY=VALUE ...] [--json] [--torch]
 
 Flags are parsed as by every other command (absl, ml_collections config files with --config.KEY=VALUE
 overrides; default config: configs/imagenet.py). With --json the last stdout line is one JSON object. Every

@@ -79,10 +79,9 @@ def _restore_in_step(manager: ocp.CheckpointManager, step: int, args):
     except Exception:
         if jax.process_count() > 1:
             checkpointer = getattr(manager, "_checkpointer", None)
-            ocp.multihost.sync_global_processes(
-                ocp.multihost.unique_barrier_key("Checkpointer:restore",
-                                             prefix=getattr(checkpointer, "_barrier_sync_key_prefix", None)),
-                processes=getattr(checkpointer, "_active_processes", None))
+            prefix = getattr(checkpointer, "_barrier_sync_key_prefix", None)
+            ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key("Checkpointer:restore", prefix=prefix),
+                                                processes=getattr(checkpointer, "_active_processes", None))
         raise
 
 

@@ -459,11 +459,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                          eval_source, config, mesh, batches=eval_passes())
                 writer.write(step, last_eval)
                 metrics.log_eval(step, last_eval, pause.seconds)
-            if saving:
-                with throughput.paused():
-                    save_checkpoint(manager, state, config, class_names, last_eval if evaluated else None)
             if saving or stop_reason:
-                writer.flush()  # the rows up to a checkpoint must outlive a kill (on GCS they are uploaded whole)
+                with throughput.paused():
+                    if saving:
+                        save_checkpoint(manager, state, config, class_names, last_eval if evaluated else None)
+                    writer.flush()  # the rows up to a checkpoint must outlive a kill (on GCS they are uploaded whole)
             if stop_reason:
                 manager.wait_until_finished()
                 raise Preempted(f"stopped at step {step} on {stop_reason}: checkpoint saved in "
