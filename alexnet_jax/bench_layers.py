@@ -38,7 +38,7 @@ def _rel_diff(ours, theirs) -> float:
 
 
 def layer_shapes(config) -> list[dict]:
-    """Each convolution's input and kernel as the model has them, at the config's batch and image size."""
+    """Each convolution's input, kernel and output as the model has them, at the config's batch and image size."""
     from flax import nnx
 
     from alexnet_jax import models
@@ -48,10 +48,12 @@ def layer_shapes(config) -> list[dict]:
     for name in _CONVS:
         conv = getattr(model, name)
         (kh, kw), (stride, _), ((pad, _), _) = conv.kernel_size, conv.strides, conv.padding
+        out = (size + 2 * pad - kh) // stride + 1
         rows.append({"layer": name, "input": [int(config.batch_size), size, size, conv.in_features],
                      "kernel": [kh, kw, conv.in_features // conv.feature_group_count, conv.out_features],
+                     "output": [int(config.batch_size), out, out, conv.out_features],
                      "stride": stride, "padding": pad, "groups": conv.feature_group_count})
-        size = (size + 2 * pad - kh) // stride + 1
+        size = out
         if name in _POOL_AFTER:
             size = (size - 3) // 2 + 1
     return rows
@@ -109,9 +111,7 @@ def _pool_rows(shapes, dtype, *, steps: int, warmup: int, with_torch: bool) -> l
     for row in shapes:
         if row["layer"] not in _POOL_AFTER:
             continue
-        n, h, _, _ = row["input"]
-        out = (h + 2 * row["padding"] - row["kernel"][0]) // row["stride"] + 1
-        x = jnp.asarray(np.random.default_rng(1).standard_normal((n, out, out, row["kernel"][3])), dtype)
+        x = jnp.asarray(np.random.default_rng(1).standard_normal(row["output"]), dtype)
         g = jnp.ones(jax.eval_shape(models.max_pool, x).shape, dtype)
         forward = jax.jit(models.max_pool)
         result = {"layer": f"pool after {row['layer']}", "input": list(x.shape),
