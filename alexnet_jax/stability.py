@@ -93,16 +93,18 @@ def _sum_of_squares(tree) -> jax.Array:
 
 
 def step_stats(grads: dict, updates: dict, params: dict, controls: Controls) -> dict:
-    """Gradient norms before clipping (global, and per top-level layer in sorted name order), update norm,
-    update/param norm ratio and whether clipping engaged, as device scalars."""
+    """Gradient norms before clipping (global, and per top-level layer in sorted name order), update and param
+    norms, their ratio and whether clipping engaged, as device scalars."""
     layer_sumsq = jnp.stack([_sum_of_squares(grads[name]) for name in sorted(grads)])
     grad_norm = jnp.sqrt(jnp.sum(layer_sumsq))
     update_norm = jnp.sqrt(_sum_of_squares(updates))
+    param_norm = jnp.sqrt(_sum_of_squares(params))
     return {
         "grad_norm": grad_norm,
         "layer_grad_norms": jnp.sqrt(layer_sumsq),
         "update_norm": update_norm,
-        "update_ratio": update_norm / jnp.sqrt(_sum_of_squares(params)),
+        "param_norm": param_norm,
+        "update_ratio": update_norm / param_norm,
         "clipped": (controls.clip_norm > 0) & (grad_norm >= controls.clip_norm),
     }
 

@@ -95,7 +95,11 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rate_fn
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     stats = stability.step_stats(grads, updates, state.params, state.opt_state)  # grad norms are pre-clip
     # A non-finite loss, gradient or update would poison params and momentum for good; keep the old ones instead.
-    finite = jnp.isfinite(loss) & jnp.isfinite(stats["grad_norm"]) & jnp.isfinite(stats.pop("update_norm"))
+    # The param norm is in the test too (always finite) so that the new params depend on its read of the old
+    # ones: with every read ordered before the write, XLA updates the donated buffers in place instead of first
+    # copying all the params (a 6% faster step on CPU).
+    finite = (jnp.isfinite(loss) & jnp.isfinite(stats["grad_norm"]) & jnp.isfinite(stats.pop("update_norm"))
+              & jnp.isfinite(stats.pop("param_norm")))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(
         step=state.step + 1,
