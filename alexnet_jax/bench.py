@@ -256,12 +256,13 @@ def raw_records(paths: list[str], directory: str, resize_size: int):
 
 
 def run_pipeline(config) -> dict:
-    from alexnet_jax.data import imagefolder
+    from alexnet_jax.data import imagefolder, pipeline
 
     data = _data_dir()
     workers = FLAGS.workers or os.cpu_count() or 1
     image_size, resize_size = int(config.data.image_size), int(config.data.resize_size)
     batch_size, augment = int(config.batch_size), config.data.augment
+    feed = pipeline.feed_options(config.data)  # its threads and buffer; the worker counts are the bench's own
     with tempfile.TemporaryDirectory(prefix="alexnet_bench_") as tmp:
         if data:
             source = imagefolder.ImageFolderSource(data)
@@ -274,8 +275,8 @@ def run_pipeline(config) -> dict:
         print(f"pil baseline over {len(paths)} files ...", file=sys.stderr)
         baseline = pil_baseline(paths, image_size, resize_size)
         kwargs = dict(batch_size=batch_size, images=max(len(paths), 2 * batch_size), image_size=image_size,
-                      resize_size=resize_size, augment=augment, worker_threads=int(config.data.worker_threads),
-                      worker_buffer=int(config.data.worker_buffer))
+                      resize_size=resize_size, augment=augment, worker_threads=feed["worker_threads"],
+                      worker_buffer=feed["worker_buffer"])
         print(f"pil baseline in {workers} processes ...", file=sys.stderr)
         baseline_parallel = pil_baseline_parallel(paths, image_size, resize_size, workers)
         print("pipeline, 1 worker ...", file=sys.stderr)
@@ -302,8 +303,8 @@ def run_pipeline(config) -> dict:
         "per_core_speedup": round(baseline["cpu_ms_per_img"] / one["cpu_ms_per_img"], 3),
         "raw_records_speedup": round(raw["img_per_s"] / baseline["img_per_s"], 3),
         "workers": workers,
-        "worker_threads": int(config.data.worker_threads),
-        "worker_buffer": int(config.data.worker_buffer),
+        "worker_threads": feed["worker_threads"],
+        "worker_buffer": feed["worker_buffer"],
         "batch_size": batch_size,
         "images": len(paths),
         "mean_file_kb": round(float(np.mean(sizes)) / 1024, 1),
@@ -593,9 +594,10 @@ def _fed_loop(bench: str, config, source, extra: dict) -> dict:
 
     steps, warmup = FLAGS.steps, FLAGS.warmup
     step_report, mesh, state, compiled, flops = _bench_step(config, 2 * (warmup + 2 * steps))
+    feed = pipeline.feed_options(config.data)
     start = time.perf_counter()
     batches = [pipeline.train_batches(
-        source, **pipeline.feed_options(config.data), global_batch_size=config.batch_size, seed=config.seed,
+        source, **feed, global_batch_size=config.batch_size, seed=config.seed,
         image_size=config.data.image_size, resize_size=config.data.resize_size, augment=config.data.augment,
         process_index=jax.process_index(), process_count=jax.process_count())]
     first = [next(batches[0])]  # worker start-up and the first prefetch: reported apart, not in the timed steps
@@ -619,7 +621,7 @@ def _fed_loop(bench: str, config, source, extra: dict) -> dict:
             "step_img_per_s": step_only["img_per_s"], "loop_img_per_s": fed["img_per_s"],
             "loop_to_step": round(fed["img_per_s"] / step_only["img_per_s"], 3),
             "step_mfu": step_only["mfu"], "step": step_only,
-            **pipeline.feed_options(config.data), "first_batch_s": round(first_batch_s, 3),
+            **feed, "first_batch_s": round(first_batch_s, 3),
             "resize_size": int(config.data.resize_size), "augment": config.data.augment, **extra, **_host_info()}
 
 
