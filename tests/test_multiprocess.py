@@ -143,9 +143,9 @@ def test_a_checkpoint_one_process_cannot_read_is_given_up_by_all(tmp_path):
     finally:
         for p in procs:
             p.kill()
-    for p, out in zip(procs, outputs):
+    for view, p, out in zip(views, procs, outputs):
         assert p.returncode == 0, out[-3000:]
-        assert f"Resumed from {views[procs.index(p)]}/checkpoints at step 4" in out, out[-3000:]
+        assert f"Resumed from {view}/checkpoints at step 4" in out, out[-3000:]
     assert "cannot be restored (another process could not read its part)" in outputs[0], outputs[0][-3000:]
     assert "cannot be restored (" in outputs[1] and "another process" not in outputs[1], outputs[1][-3000:]
     # process 0 moves the checkpoint aside (in its view): it is no longer a step anyone resumes from
