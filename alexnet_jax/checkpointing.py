@@ -4,6 +4,8 @@ Items of a checkpoint:
   model  params and BatchNorm statistics       (what predict / evaluate / export need)
   train  step, optimizer state, skipped steps  (what resuming also needs)
   meta   JSON: the config used and the class names, so a checkpoint is self-describing
+  bn     BatchNorm statistics recomputed at the checkpoint's weights (precise_bn.py), where they were computed;
+         inference reads them instead of the running averages in `model` (which resuming keeps using)
 
 The dropout key is fold_in(seed, step) and step s reads global batch s + batch_offset (an offset that only a
 stability rollback moves, kept in the optimizer state), so (config, checkpoint) pins the RNG state and the input
@@ -25,7 +27,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from alexnet_jax import models, sharding, storage
 
-ITEMS = ("model", "train", "meta")
+ITEMS = ("model", "train", "meta", "bn")
 BEST_METRIC = "eval_top1"
 
 
@@ -52,17 +54,21 @@ def create_manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) 
 
 
 def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDict, class_names,
-         eval_metrics: dict | None = None) -> None:
+         eval_metrics: dict | None = None, bn_stats: dict | None = None) -> None:
     """Starts an asynchronous save of `state` (a TrainState); training goes on while it is written. Every
-    process must call it (each writes its own shards). `eval_metrics` from the same step rank it for BestN."""
+    process must call it (each writes its own shards). `eval_metrics` from the same step rank it for BestN;
+    `bn_stats`, BatchNorm statistics recomputed at these weights, go in the `bn` item."""
     step = int(jax.device_get(state.step))
     metrics = {BEST_METRIC: float(eval_metrics[BEST_METRIC])} if eval_metrics else None
-    manager.save(step, metrics=metrics, args=ocp.args.Composite(
-        model=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
-        train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
-                                     "skipped_steps": state.skipped_steps}),
-        meta=ocp.args.JsonSave({"config": config.to_dict(), "class_names": list(class_names), "step": step}),
-    ))
+    items = {
+        "model": ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
+        "train": ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
+                                        "skipped_steps": state.skipped_steps}),
+        "meta": ocp.args.JsonSave({"config": config.to_dict(), "class_names": list(class_names), "step": step}),
+    }
+    if bn_stats is not None:
+        items["bn"] = ocp.args.StandardSave({"batch_stats": bn_stats})
+    manager.save(step, metrics=metrics, args=ocp.args.Composite(**items))
 
 
 def _restore_in_step(manager: ocp.CheckpointManager, step: int, args):
@@ -172,9 +178,29 @@ def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
     return _restore_in_step(manager, step, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
+def has_precise_bn(manager: ocp.CheckpointManager, step: int) -> bool:
+    """Whether the checkpoint at `step` holds recomputed BatchNorm statistics (written since they exist, for a
+    BatchNorm model with precise_bn_examples > 0, and finite when computed)."""
+    return epath.Path(storage.join(manager.directory, str(step), "bn")).is_dir()
+
+
+def restore_precise_bn(manager: ocp.CheckpointManager, step: int, abstract_batch_stats: dict) -> dict | None:
+    """The checkpoint's recomputed BatchNorm statistics (shaped and sharded like `abstract_batch_stats`), or None
+    where it has none."""
+    if not has_precise_bn(manager, step):
+        return None
+    restored = _restore_in_step(manager, step, ocp.args.Composite(
+        bn=ocp.args.StandardRestore({"batch_stats": abstract_batch_stats})))
+    return restored.bn["batch_stats"]
+
+
 def restore_model(manager: ocp.CheckpointManager, step: int, abstract_model: dict) -> dict:
-    """Only params and BatchNorm statistics, onto the shardings in `abstract_model` (no optimizer state)."""
-    return manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_model))).model
+    """Params and the BatchNorm statistics inference should use, onto the shardings in `abstract_model` (no
+    optimizer state): the statistics recomputed at these weights where the checkpoint has them, the running
+    averages otherwise."""
+    model = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_model))).model
+    precise = restore_precise_bn(manager, step, abstract_model["batch_stats"])
+    return model if precise is None else {"params": model["params"], "batch_stats": precise}
 
 
 class CheckpointNotFound(FileNotFoundError):

@@ -18,7 +18,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from alexnet_jax import checkpointing, metrics, models, optim, sharding, stability
+from alexnet_jax import checkpointing, metrics, models, optim, precise_bn, sharding, stability
 from alexnet_jax import config as config_lib
 from alexnet_jax.data import pipeline, sources, transforms
 from alexnet_jax.optim import create_optimizer  # clip threshold and learning-rate factor live in its state
@@ -195,7 +195,7 @@ def eval_batch_size(config) -> int:
 def evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=None) -> dict:
     """Exact eval_loss / eval_top1 / eval_top5 over every example of the split, each counted once.
 
-    `batches`: this process's local batches of one pass (e.g. a pipeline.EvalPasses pass, whose grain workers
+    `batches`: this process's local batches of one pass (e.g. a pipeline.eval_passes pass, whose grain workers
     live across evals); by default a pipeline of its own."""
     if batches is None:
         own = pipeline.eval_batches(
@@ -229,6 +229,10 @@ def _with_fc_layout(fn, mesh, num_classes: int):
     return traced
 
 
+def model_shardings_of(state_shardings) -> dict:
+    return {"params": state_shardings.params, "batch_stats": state_shardings.batch_stats}
+
+
 def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
     """The jitted (train_step, eval_step) with explicit shardings; the train state is donated."""
     train_def, eval_def = models.model_graphdefs(config.model)
@@ -244,7 +248,7 @@ def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)
-    model_shardings = {"params": state_shardings.params, "batch_stats": state_shardings.batch_stats}
+    model_shardings = model_shardings_of(state_shardings)
     evaluate_batch = functools.partial(eval_step, graphdef=eval_def, **eval_view_options(config))
     eval_fn = jax.jit(_with_fc_layout(evaluate_batch, mesh, config.model.num_classes),
                       in_shardings=(model_shardings, sharding.batch_sharding(mesh)),
@@ -260,13 +264,13 @@ class Preempted(Exception):
         self.signal_name = signal_name
 
 
-def save_checkpoint(manager, state: TrainState, config, class_names, eval_metrics=None) -> bool:
+def save_checkpoint(manager, state: TrainState, config, class_names, eval_metrics=None, bn_stats=None) -> bool:
     """Saves unless some value is not finite (the guard should make that impossible; this makes it certain)."""
     if not bool(jax.device_get(stability.all_finite(state))):
         logging.warning("Not checkpointing step %d: the train state holds non-finite values",
                         int(jax.device_get(state.step)))
         return False
-    checkpointing.save(manager, state, config, class_names, eval_metrics)
+    checkpointing.save(manager, state, config, class_names, eval_metrics, bn_stats)
     return True
 
 
@@ -295,15 +299,16 @@ def _open_sources(config):
     return train_source, eval_source
 
 
-def _resave(manager, config, class_names):
+def _resave(manager, config, class_names, abstract_batch_stats):
     """Rewrites the checkpoint of a restored state with the state's new rollback controls (see stability)."""
 
     def resave(state):
         step = int(jax.device_get(state.step))
         manager.wait_until_finished()
         metrics = manager.metrics(step)  # keep its eval_top1, so the best-checkpoint policy still sees it
+        bn_stats = checkpointing.restore_precise_bn(manager, step, abstract_batch_stats)  # the weights are the same
         manager.delete(step)
-        checkpointing.save(manager, state, config, class_names, metrics)
+        checkpointing.save(manager, state, config, class_names, metrics, bn_stats)
         manager.wait_until_finished()
 
     return resave
@@ -367,7 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("Continuing after rollback %d: batch offset %d, learning rate x%g", controls["rollbacks"],
                      controls["batch_offset"], controls["lr_scale"])
     recovery = stability.Recovery(
-        config.stability, manager=manager, restore=restore, resave=_resave(manager, config, class_names),
+        config.stability, manager=manager, restore=restore, resave=_resave(manager, config, class_names, abstract_state.batch_stats),
         start_step=start_step, controls=controls, checkpoint_dir=checkpointing.checkpoint_dir(workdir),
         agree=checkpointing.any_process)
 
@@ -385,10 +390,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             resize_size=config.data.resize_size, augment=config.data.augment,
             process_index=jax.process_index(), process_count=jax.process_count())
 
-    eval_passes = pipeline.EvalPasses(
+    eval_passes = pipeline.eval_passes(
         eval_source, global_batch_size=eval_batch_size(config), image_size=config.data.image_size,
         resize_size=config.data.resize_size, eval_crops=config.data.eval_crops,
         process_index=jax.process_index(), process_count=jax.process_count(), **pipeline.feed_options(config.data))
+    bn_examples = precise_bn.num_examples(config, len(train_source))
+    precise = (precise_bn.PreciseBatchNorm(config, train_source, mesh, model_shardings_of(state_shardings),
+                                           bn_examples) if bn_examples else None)
+    if precise:
+        logging.info("BatchNorm statistics are recomputed at the current weights over %d training examples before "
+                     "each eval and save (precise_bn_examples)", bn_examples)
     profile = config_lib.profile_range(config)
     # `pending`: this log window's per-step metrics, still on the device; `ready`: finished windows (step, metrics)
     # not yet reported. Rows are fetched one log step late, when the device is long past them, so the host never
@@ -457,16 +468,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 # Stopping right after a rollback: the restored checkpoint (its controls re-saved) is where a
                 # rerun resumes, unless training went on from the spike, which no checkpoint holds yet.
                 evaluated, saving = False, step not in manager.all_steps()
+            bn_stats = None
+            if precise and (evaluated or saving):
+                with throughput.paused():  # what is evaluated and saved must hold statistics of these weights
+                    bn_stats = precise(state.params, state.batch_stats)
             if evaluated:
+                model_vars = {"params": state.params,
+                              "batch_stats": state.batch_stats if bn_stats is None else bn_stats}
                 with throughput.paused() as pause:
-                    last_eval = evaluate(eval_fn, {"params": state.params, "batch_stats": state.batch_stats},
-                                         eval_source, config, mesh, batches=eval_passes())
+                    last_eval = evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=eval_passes())
                 writer.write(step, last_eval)
                 metrics.log_eval(step, last_eval, pause.seconds)
             if saving or stop_reason:
                 with throughput.paused():
                     if saving:
-                        save_checkpoint(manager, state, config, class_names, last_eval if evaluated else None)
+                        save_checkpoint(manager, state, config, class_names, last_eval if evaluated else None,
+                                        bn_stats)
                     writer.flush()  # the rows up to a checkpoint must outlive a kill (on GCS they are uploaded whole)
             if stop_reason:
                 manager.wait_until_finished()
@@ -482,6 +499,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         preemption.close()
         batches.close()
         eval_passes.close()
+        if precise:
+            precise.close()
         manager.wait_until_finished()
         manager.close()
         writer.close()

@@ -16,8 +16,11 @@ import socket
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
+from alexnet_jax import checkpointing
 from conftest import REPO
 
 STEPS = 8
@@ -53,11 +56,19 @@ def _finish(procs: list[subprocess.Popen]) -> None:
 
 
 def _rows(workdir):
-    """{step: loss} (the last row of each step wins: a resumed run rewrites the steps after its checkpoint)
-    and the final eval row."""
+    """{step: loss} (the last row of each step wins: a resumed run rewrites the steps after its checkpoint),
+    the final eval row, and the BatchNorm statistics recomputed for the final checkpoint (what inference uses)."""
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     losses = {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
-    return [losses[s] for s in range(1, STEPS + 1)], [r for r in rows if "eval_top1" in r][-1]
+    _, _, model_vars, _ = checkpointing.load_for_inference(str(workdir), STEPS)
+    return ([losses[s] for s in range(1, STEPS + 1)], [r for r in rows if "eval_top1" in r][-1],
+            jax.device_get(model_vars["batch_stats"]))
+
+
+def _assert_same_statistics(a, b):
+    # Pooled as E[x^2] - E[x]^2 over differently ordered float32 sums: the subtraction scales their ~1e-6
+    # rounding difference by the ratio of the mean square to the variance (seen: 1.1e-5 on a variance of 22).
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=5e-5, atol=1e-6), a, b)
 
 
 def _resume_from_step_4(source, target):
@@ -94,11 +105,12 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("multi, single", [("2x1", "1x2"), ("2x2", "1x4")])
 def test_processes_train_like_one_process_with_the_same_devices(runs, multi, single):
-    multi_losses, multi_eval = runs[multi]
-    single_losses, single_eval = runs[single]
+    multi_losses, multi_eval, multi_stats = runs[multi]
+    single_losses, single_eval, single_stats = runs[single]
     assert multi_losses == pytest.approx(single_losses, rel=1e-5)
     assert multi_eval["eval_examples"] == single_eval["eval_examples"] == 359
     assert multi_eval["eval_top1"] == pytest.approx(single_eval["eval_top1"], abs=1e-6)
+    _assert_same_statistics(multi_stats, single_stats)  # each process read its part of the same set
 
 
 def test_device_count_does_not_change_the_losses(runs):
@@ -107,12 +119,13 @@ def test_device_count_does_not_change_the_losses(runs):
 
 @pytest.mark.parametrize("resumed, uninterrupted", [("2x2->1x2", "2x2"), ("1x2->2x2", "1x2")])
 def test_a_checkpoint_resumes_on_another_process_count(runs, resumed, uninterrupted):
-    resumed_losses, resumed_eval = runs[resumed]
-    losses, last_eval = runs[uninterrupted]
+    resumed_losses, resumed_eval, resumed_stats = runs[resumed]
+    losses, last_eval, stats = runs[uninterrupted]
     # Steps 5-8 were trained again after restoring step 4 onto the other topology.
     assert resumed_losses == pytest.approx(losses, rel=1e-5)
     assert resumed_eval["eval_examples"] == 359
     assert resumed_eval["eval_top1"] == pytest.approx(last_eval["eval_top1"], abs=1e-6)
+    _assert_same_statistics(resumed_stats, stats)
 
 
 def test_a_checkpoint_one_process_cannot_read_is_given_up_by_all(tmp_path):

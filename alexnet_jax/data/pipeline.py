@@ -32,11 +32,14 @@ from absl import flags, logging
 from alexnet_jax.data import decode, transforms
 
 AUGMENTATIONS = ("alexnet", "inception")
+EVAL_VIEW = "eval"  # TrainTransform's view for the BatchNorm-statistics set: the eval crop, with substitutes
 EVAL_CROPS = (1, 10)
 MAX_SUBSTITUTES = 16  # a train element gives up (and the run stops) only if this many draws in a row are bad
 
 
 def _train_box_fn(augment: str, image_size: int, resize_size: int, rng: np.random.Generator):
+    if augment == EVAL_VIEW:
+        return lambda w, h: transforms.center_crop_box(w, h, image_size, resize_size)
     if augment == "inception":
         return lambda w, h: transforms.inception_crop_box(w, h, rng)
     return lambda w, h: transforms.alexnet_crop_box(w, h, rng, image_size, resize_size)
@@ -53,6 +56,9 @@ class TrainTransform(grain.transforms.RandomMap):
         if "encoded" in example:
             box = _train_box_fn(self.augment, self.image_size, self.resize_size, rng)
             return decode.decode_crop(example["encoded"], box, (self.image_size, self.image_size))
+        if self.augment == EVAL_VIEW:
+            return transforms.center_crop(example["image"], self.image_size, self.resize_size,
+                                          example.get("short_side"))
         if self.augment == "inception":
             return transforms.random_resized_crop(example["image"], rng, self.image_size)
         return transforms.random_crop(example["image"], rng, self.image_size, self.resize_size,
@@ -171,7 +177,7 @@ def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
 
 def feed_options(data_config) -> dict:
     """The pipeline's process/thread/prefetch settings from a config's data section, as keyword arguments of
-    train_batches, eval_batches and EvalPasses."""
+    train_batches, eval_batches, eval_passes and RepeatedPasses."""
     return {"workers": int(data_config.workers), "worker_threads": int(data_config.get("worker_threads", 0)),
             "worker_buffer": int(data_config.get("worker_buffer", 1))}
 
@@ -253,7 +259,7 @@ class BatchIterator:
                 self._bad_this_epoch += 1
                 if index not in self._seen:
                     self._seen.add(index)
-                    action = "replaced by another example" if self._kind == "train" else "left out of eval"
+                    action = "left out of eval" if self._kind == "eval" else "replaced by another example"
                     logging.warning("unreadable image, %s: %s", action, describe_bad_file(self._source, index))
         if self._kind == "train":
             n = len(self._source)
@@ -329,16 +335,16 @@ def eval_batches(source, *, workers: int = 0, worker_threads: int = 0, worker_bu
     return BatchIterator(iterator, source, kind="eval")
 
 
-class EvalPasses:
-    """Repeated passes over the eval split from one grain iterator, so worker processes start once per run
-    rather than once per eval. Each call yields exactly one pass of this process's batches."""
+class RepeatedPasses:
+    """Repeated passes over a finite dataset of local batches from one grain iterator, so worker processes start
+    once per run rather than once per pass. Each call yields exactly one pass of this process's batches."""
 
-    def __init__(self, source, *, workers: int = 0, worker_threads: int = 0, worker_buffer: int = 1, **kwargs):
-        ds = eval_dataset(source, **kwargs)
+    def __init__(self, ds: grain.MapDataset, source, *, kind: str, workers: int = 0, worker_threads: int = 0,
+                 worker_buffer: int = 1):
         self.batches_per_pass = len(ds)
         # The stream runs on into the next pass; the workers prefetch its first batches while training goes on.
         self._batches = BatchIterator(_to_iterator(ds.repeat(None), workers, worker_threads, worker_buffer), source,
-                                      kind="eval")
+                                      kind=kind)
 
     def __call__(self):
         for _ in range(self.batches_per_pass):
@@ -347,6 +353,29 @@ class EvalPasses:
 
     def close(self) -> None:
         self._batches.close()
+
+
+def eval_passes(source, *, workers: int = 0, worker_threads: int = 0, worker_buffer: int = 1,
+                **kwargs) -> RepeatedPasses:
+    """Passes over the eval split (see eval_dataset), one per call."""
+    return RepeatedPasses(eval_dataset(source, **kwargs), source, kind="eval", workers=workers,
+                          worker_threads=worker_threads, worker_buffer=worker_buffer)
+
+
+def stats_dataset(source, *, num_examples: int, global_batch_size: int, seed: int, image_size: int,
+                  resize_size: int, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """The BatchNorm-statistics set (train/precise_bn.py): a fixed sample of `num_examples` training examples
+    (a multiple of the global batch), drawn by the seed, in the eval view, cut into global batches as training
+    cuts its stream. Its own dataset, never the training stream, so the batches training sees do not depend on
+    where statistics were computed. An unreadable file is replaced by another example, as in training: a black
+    placeholder would skew every layer's moments."""
+    local = _local_batch_size(global_batch_size, process_count)
+    records = _records(source)
+    # Another permutation than the training stream's first epoch (seed), so the set is no particular epoch's head.
+    ds = grain.MapDataset.source(records).shuffle(seed=seed + 1)[:num_examples]
+    ds = ds.random_map(TrainTransform(image_size, resize_size, EVAL_VIEW, records if records is not source else None),
+                       seed=seed)
+    return ds.batch(local, drop_remainder=True)[process_index::process_count]
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
