@@ -188,9 +188,14 @@ class _GcsStore:
         self._generation = None  # of our own record, while we hold it
 
     def _upload(self, record: Record, if_generation: str) -> str:
+        """One multipart upload (object metadata, then the record) under `ifGenerationMatch` ("0": create only).
+        Multipart rather than a media upload: emulators such as fake-gcs-server check preconditions only there."""
         url = f"{self._fs._location}/upload/storage/v1/b/{quote(self._bucket, safe='')}/o"
-        result = self._fs.call("POST", url, uploadType="media", name=self._key, ifGenerationMatch=if_generation,
-                               headers={"Content-Type": "application/json"}, data=record.to_bytes(), json_out=True)
+        body = (f"--lock\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{json.dumps({'name': self._key})}"
+                "\r\n--lock\r\nContent-Type: application/json\r\n\r\n").encode() + record.to_bytes() + b"\r\n--lock--"
+        result = self._fs.call("POST", url, uploadType="multipart", ifGenerationMatch=if_generation,
+                               headers={"Content-Type": 'multipart/related; boundary="lock"'}, data=body,
+                               json_out=True)
         return str(result["generation"])
 
     def grab(self, mine: Record) -> bool:
