@@ -27,6 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = -1  # <= 0: once per epoch
     c.checkpoint_every_steps = 1000
     c.max_checkpoints_to_keep = 3
+    # A workdir lock whose heartbeat is this old has lost its trainer (see workdir_lock.py and the README).
+    c.workdir_lock_timeout_s = 300.0
     c.eval_batch_size = -1  # <= 0: same as batch_size
     # BatchNorm models: before every eval and save, BN statistics are recomputed at the current weights over this
     # many training examples (eval view, rounded down to whole batches; 0 = off: the running averages are used).
@@ -253,6 +255,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     for key in ("log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
         if config[key] <= 0:
             problems.append(f"{key} must be > 0 (got {config[key]})")
+    if config.get("workdir_lock_timeout_s", 1) <= 0:
+        problems.append(f"workdir_lock_timeout_s must be > 0 (got {config.workdir_lock_timeout_s})")
     problems += optim.validate_optim_config(config.optim)
     problems += stability.validate_stability_config(config.stability)
     if problems:

@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import cli, metrics, stability, train
+from alexnet_jax import cli, metrics, stability, train, workdir_lock
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
@@ -55,7 +55,12 @@ def main(argv):
     logging.info("JAX %s on %d %s device(s), process %d of %d", jax.__version__, jax.device_count(),
                  jax.devices()[0].platform, jax.process_index(), jax.process_count())
     try:
-        train.train_and_evaluate(config, FLAGS.workdir)
+        # Before train_and_evaluate writes anything: two trainers in one workdir would destroy each other's work.
+        with workdir_lock.hold(FLAGS.workdir, config.get("workdir_lock_timeout_s", workdir_lock.DEFAULT_TIMEOUT_S)):
+            train.train_and_evaluate(config, FLAGS.workdir)
+    except workdir_lock.LockError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     except config_lib.ConfigError as error:  # found only once the data is opened (e.g. too many classes)
         print(f"error: config: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG

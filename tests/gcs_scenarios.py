@@ -15,6 +15,7 @@ REPORT.json, which the test asserts on. Scenarios:
            process x 2 devices; and a 1 x 2 run resumed by 2 x 2: the losses of both runs, from the bucket
   inference  predict, evaluate and export reading the gs:// workdir of `resume` (export writing to gs://)
   import   import_torchvision from weights in the bucket to a gs:// --out, and predict from it (needs torch)
+  lock     a trainer on a gs:// workdir whose DIR/LOCK a live process holds (refused), then SIGKILLed (taken over)
 """
 
 import importlib.util
@@ -263,6 +264,36 @@ def scenario_import(fs, tmp) -> dict:
             "predict": cli("alexnet_jax.predict", f"--workdir={out}", "--json", os.path.join(tmp, "digit.png"))}
 
 
+HOLDER = """
+import sys, time
+from alexnet_jax import workdir_lock
+with workdir_lock.hold(sys.argv[1]):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def scenario_lock(fs) -> dict:
+    workdir = f"gs://{BUCKET}/locked"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, workdir], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        held = holder.stdout.readline().strip() == "holding"
+        fs.invalidate_cache()
+        record = json.loads(fs.cat(f"{BUCKET}/locked/LOCK"))
+        refused = cli("alexnet_jax.main", f"--workdir={workdir}", *DIGITS, "--config.num_train_steps=2")
+    finally:
+        holder.kill()  # SIGKILL: its LOCK stays behind, naming a dead pid
+        holder.wait()
+    fs.invalidate_cache()
+    left = fs.exists(f"{BUCKET}/locked/LOCK")
+    taken = cli("alexnet_jax.main", f"--workdir={workdir}", *DIGITS, "--config.num_train_steps=2")
+    fs.invalidate_cache()
+    return {"held": held, "holder_pid": holder.pid, "record": record, "refused": refused, "left_after_kill": left,
+            "taken": taken, "takeover_lines": [line for line in taken["stderr"].splitlines() if "Taking over" in line],
+            "lock_after": fs.exists(f"{BUCKET}/locked/LOCK")}
+
+
 def main(report_path: str) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     port = free_port()
@@ -279,7 +310,8 @@ def main(report_path: str) -> None:
                               ("errors", lambda: scenario_errors(os.path.join(tmp, "errors"))),
                               ("elastic", lambda: scenario_elastic(fs)),
                               ("inference", lambda: scenario_inference(fs, tmp)),
-                              ("import", lambda: scenario_import(fs, tmp))):
+                              ("import", lambda: scenario_import(fs, tmp)),
+                              ("lock", lambda: scenario_lock(fs))):
                 started = time.time()
                 report[name] = run()
                 report[name]["seconds"] = round(time.time() - started, 1)

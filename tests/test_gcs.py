@@ -35,7 +35,8 @@ def report(tmp_path_factory):
                          capture_output=True, text=True, timeout=900)
     assert path.exists(), run.stderr[-3000:]
     report = json.loads(path.read_text())
-    assert set(report) == {"resume", "data", "errors", "elastic", "inference", "import"}, run.stderr[-3000:]  # none crashed
+    assert set(report) == {"resume", "data", "errors", "elastic", "inference", "import",
+                           "lock"}, run.stderr[-3000:]  # none crashed
     return report
 
 
@@ -123,3 +124,16 @@ def test_import_torchvision_writes_to_gs_and_predict_reads_it(report):
     _ok(report["import"]["predict"])
     predicted = json.loads(report["import"]["predict"]["stdout"].strip().splitlines()[-1])
     assert predicted["checkpoint_step"] == 0 and len(predicted["predictions"][0]["top"]) == 5
+
+
+def test_a_gs_workdir_is_locked_and_a_killed_holder_is_taken_over(report):
+    lock = report["lock"]
+    assert lock["held"] and lock["record"]["pid"] == lock["holder_pid"]
+    assert lock["refused"]["rc"] == 2, lock["refused"]["stderr"][-3000:]
+    [line] = lock["refused"]["error_lines"]
+    assert f"pid {lock['holder_pid']} on host" in line and "gs://alexnet-test/locked" in line
+    assert lock["left_after_kill"], "a SIGKILLed holder cannot remove its LOCK object"
+    _ok(lock["taken"])
+    [takeover] = lock["takeover_lines"]
+    assert f"pid {lock['holder_pid']}" in takeover and "is gone" in takeover
+    assert not lock["lock_after"]  # released at the end of the run
