@@ -78,7 +78,8 @@ class TrainTransform(grain.transforms.RandomMap):
                     bad_index = int(example["index"])  # named by the consuming process, see BatchIterator
                 else:  # the substitute was bad too: rare enough to log here, in the worker
                     logging.warning("unreadable image, drawn to replace another: %s: %s",
-                                    self.records.source.name(int(example["index"])), error)
+                                    self.records.source.name(int(example["index"])),
+                                    example.get("read_error", error))
                 example = self.records[int(rng.integers(len(self.records)))]
         raise RuntimeError(f"{MAX_SUBSTITUTES + 1} unreadable images in a row (first at index {bad_index}): "
                            "is the data path right?")
@@ -317,7 +318,8 @@ def _to_iterator(ds: grain.MapDataset, workers: int, worker_threads: int = 0, wo
 def describe_bad_file(source, index: int) -> str:
     """'<file>: <why it cannot be decoded>' for element `index` of a source of encoded images."""
     try:
-        why = decode.check(source.read_record(index).get("encoded", b"x")) or (
+        record = source.read_record(index)
+        why = record.get("read_error") or decode.check(record.get("encoded", b"x")) or (
             "failed to decode in the pipeline but decodes when read again (a transient read error?)")
     except Exception as error:  # reading it again failed too: say so rather than lose the name
         why = str(error)
