@@ -60,19 +60,31 @@ class MetricsWriter:
             self._tb = SummaryWriter(logdir=workdir, flush_secs=int(flush_secs), purge_step=int(resume_step) + 1)
 
     def _rows_kept(self, step: int) -> list[str]:
-        """The lines of an existing metrics.jsonl at most at `step`, and rollback records (unparsable lines are
-        dropped: a line cut short by a crash)."""
+        """The lines of an existing metrics.jsonl at most at `step`, and rollback records.
+
+        Read as bytes, line by line, so that a bad line (cut short by a crash, a stray non-UTF-8 byte, a step that
+        is no integer such as 1e400) costs only itself: it is dropped with one warning for them all."""
         path = epath.Path(self._path)
         if not path.exists():
             return []
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                if int(row["step"]) <= step or "rollback_reason" in row:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
+        kept, bad = [], 0
+        for raw in path.read_bytes().split(b"\n"):
+            if not raw.strip():
                 continue
+            try:
+                line = raw.decode("utf-8")
+                row = json.loads(line)
+                row_step = row["step"]
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                bad += 1
+                continue
+            if not isinstance(row_step, int) or isinstance(row_step, bool):
+                bad += 1
+            elif row_step <= step or "rollback_reason" in row:
+                kept.append(line + "\n")
+        if bad:
+            logging.warning("%s: skipped %d unreadable line(s) (cut short, not UTF-8 JSON, or no integer step)",
+                            self._path, bad)
         return kept
 
     def write(self, step: int, scalars: dict) -> None:

@@ -333,6 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Raises stability.TrainingStopped when the stability guard gives up (main exits with code 3), Preempted after
     checkpointing on Ctrl-C, SIGTERM or a preemption notice.
     """
+    pipeline.release_orphaned_shared_memory(workdir)
     try:
         mesh = sharding.mesh_for(config)
     except ValueError as error:  # e.g. a TPU topology that has no such grid

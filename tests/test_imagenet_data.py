@@ -1,14 +1,20 @@
 """ImageNet-shaped input: ImageFolder and flat-val sources, the pipeline over real files (bad ones included),
 augmentation bounds, on-device lighting and ten-crop, and the shipped class names. Files are written here."""
 
+import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import REPO
 
 from alexnet_jax.config import base_config
 from alexnet_jax.data import classes, imagefolder, pipeline, sources, transforms
@@ -127,6 +133,67 @@ def test_eval_folder_uses_the_train_classes(tmp_path):
     (tmp_path / "val" / "n9").mkdir()
     with pytest.raises(ValueError, match="n9"):
         imagefolder.ImageFolderSource(str(tmp_path / "val"), ["n1", "n2", "n3"])
+
+
+def test_symlink_loops_are_skipped_once_with_a_warning(tmp_path, caplog):
+    root = tmp_path / "folder"
+    (root / "a" / "deep").mkdir(parents=True)
+    Image.new("RGB", (5, 5)).save(root / "a" / "img.png")
+    Image.new("RGB", (5, 5)).save(root / "a" / "deep" / "img.png")
+    os.symlink("..", root / "a" / "deep" / "up")  # back to a: a cycle that never ends
+    os.symlink("me.png", root / "a" / "me.png")  # points at itself: "Too many levels of symbolic links"
+    os.symlink("b", root / "b")  # a class folder that points at itself
+    with caplog.at_level(logging.WARNING):
+        src = imagefolder.create(str(root))
+        again = imagefolder.ImageFolderSource(str(root))
+    assert src.class_names == again.class_names == ["a"]
+    assert [src.relative_path(i) for i in range(len(src))] == ["a/deep/img.png", "a/img.png"]
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    for loop in ("a/deep/up", "a/me.png", "b"):
+        assert sum(m.startswith(f"{root / loop}: skipped") for m in skipped) == 1, skipped
+    assert len(skipped) == 3, skipped
+
+
+UNREADABLE_CHILD = """
+import json, logging, sys
+from alexnet_jax.data import imagefolder, pipeline
+src = imagefolder.ImageFolderSource(sys.argv[1])
+named = {}
+for i in range(len(src)):
+    named[src.relative_path(i)] = pipeline.describe_bad_file(src, i)
+    try:
+        src[i]
+    except ValueError as error:
+        named[src.relative_path(i)] += " | " + str(error)
+print(json.dumps(named))
+list(pipeline.eval_batches(src, global_batch_size=4, image_size=8, resize_size=8))  # logs the bad ones
+"""
+
+
+def test_unreadable_files_and_dangling_symlinks_report_their_os_error(tmp_path):
+    """chmod 000 stops no root with CAP_DAC_OVERRIDE, so the reader runs without it (or as the user it is)."""
+    root = tmp_path / "folder"
+    (root / "c").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "c" / "good.png")
+    Image.new("RGB", (8, 8)).save(root / "c" / "locked.png")
+    os.chmod(root / "c" / "locked.png", 0)
+    os.symlink("gone.png", root / "c" / "dangling.png")
+    command = [sys.executable, "-c", UNREADABLE_CHILD, str(root)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root and setpriv is not installed to drop CAP_DAC_OVERRIDE")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 0, result.stderr[-3000:]
+    named = json.loads(result.stdout.splitlines()[-1])
+    assert named["c/locked.png"] == (f"{root}/c/locked.png: Permission denied | "
+                                     f"{root}/c/locked.png: Permission denied")
+    assert named["c/dangling.png"] == (f"{root}/c/dangling.png: No such file or directory | "
+                                       f"{root}/c/dangling.png: No such file or directory")
+    assert "empty file" not in result.stderr
+    assert f"left out of eval: {root}/c/locked.png: Permission denied" in result.stderr, result.stderr[-3000:]
+    assert f"left out of eval: {root}/c/dangling.png: No such file or directory" in result.stderr
 
 
 def write_flat_val(directory, wnids_of_files: dict[str, str]):

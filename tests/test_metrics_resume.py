@@ -2,6 +2,7 @@
 checkpoint are dropped, since the resumed run logs those steps again."""
 
 import json
+import logging
 import os
 import signal
 import struct
@@ -93,3 +94,20 @@ def test_sigkilled_run_resumed_has_one_train_row_per_step(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {resume_step}" in result.stderr
     assert _train_steps(workdir) == list(range(1, total + 1))
+
+
+def test_resume_skips_bad_metrics_lines_and_keeps_the_rest(tmp_path, caplog):
+    good = [{"step": 1, "train_loss": 2.0}, {"step": 2, "train_loss": 1.5}, {"step": 3, "train_loss": 1.0}]
+    lines = [json.dumps(good[0]).encode(),
+             b'{"step": 2, "note": "\xff"}',  # a byte that is not UTF-8
+             json.dumps(good[1]).encode(),
+             b'{"step": 1e400, "train_loss": 0.1}',  # a step no integer can hold
+             b'{"step": "2"}', b"[2]", b"not json",
+             json.dumps(good[2]).encode(),
+             b'{"step": 3, "train_lo']  # cut short by a kill
+    (tmp_path / "metrics.jsonl").write_bytes(b"\n".join(lines))
+    with caplog.at_level(logging.WARNING):
+        metrics.MetricsWriter(str(tmp_path), resume_step=3).close()
+    assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl", encoding="utf-8")] == good
+    warnings = [r.getMessage() for r in caplog.records if "metrics.jsonl" in r.getMessage()]
+    assert len(warnings) == 1 and "skipped 6 unreadable line(s)" in warnings[0], warnings

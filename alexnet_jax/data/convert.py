@@ -109,7 +109,8 @@ def convert_shard(task: dict) -> dict:
             payload, shape, short_side = encode_example(record["encoded"], task["resize"], task["format"],
                                                         task["quality"], task["center_crop"])
         except decode.BadImageError as error:
-            skipped.append({"file": source.relative_path(int(index)), "error": str(error)})
+            why = record.get("read_error", str(error))
+            skipped.append({"file": source.relative_path(int(index)), "error": why})
         else:
             label = int(record["label"])
             writer.write(arrayrecord.encode_record(label, source.relative_path(int(index)), payload, task["format"],

@@ -35,9 +35,36 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+_skipped_entries: set[str] = set()  # warned about already: a folder is listed more than once per process
+
+
+def _skip(path: str, why: str) -> None:
+    if path not in _skipped_entries:
+        _skipped_entries.add(path)
+        logging.warning("%s: skipped: %s", path, why)
+
+
+UNFOLLOWABLE = "unfollowable"
+
+
+def _directory_id(entry: os.DirEntry):
+    """(device, inode) of the directory an entry leads to, following symlinks; None if it is no directory (a
+    file, or a symlink to nothing); UNFOLLOWABLE, with a warning naming it, if it cannot be followed, e.g. a
+    symlink that points at itself ("Too many levels of symbolic links")."""
+    try:
+        if not entry.is_dir(follow_symlinks=True):
+            return None
+        info = os.stat(entry.path)
+    except OSError as error:
+        _skip(entry.path, error.strerror or str(error))
+        return UNFOLLOWABLE
+    return info.st_dev, info.st_ino
+
+
 def list_image_files(directory: str, recursive: bool = True) -> list[str]:
     """Relative paths (posix separators) of the image files under `directory`, sorted; hidden files and folders
-    and files whose extension (any case) is not an image format are ignored."""
+    and files whose extension (any case) is not an image format are ignored. Symlinks are followed, except one
+    that leads back into a folder it is inside (a loop), which is skipped with a warning."""
     extensions = image_extensions()
     if storage.is_remote(directory):
         names = storage.list_remote_files(directory, recursive)
@@ -45,18 +72,22 @@ def list_image_files(directory: str, recursive: bool = True) -> list[str]:
                       and os.path.splitext(n)[1].lower() in extensions)
     found = []
 
-    def walk(path: str, prefix: str):
+    def walk(path: str, prefix: str, ancestors: frozenset):
         with os.scandir(path) as entries:
             for entry in entries:
                 if _is_hidden(entry.name):
                     continue
-                if entry.is_dir(follow_symlinks=True):
-                    if recursive:
-                        walk(entry.path, prefix + entry.name + "/")
-                elif os.path.splitext(entry.name)[1].lower() in extensions:
-                    found.append(prefix + entry.name)
+                folder = _directory_id(entry)
+                if folder is None:
+                    if os.path.splitext(entry.name)[1].lower() in extensions:
+                        found.append(prefix + entry.name)
+                elif folder in ancestors:
+                    _skip(entry.path, "a symlink loop (it leads back to a folder it is in)")
+                elif recursive and folder is not UNFOLLOWABLE:
+                    walk(entry.path, prefix + entry.name + "/", ancestors | {folder})
 
-    walk(directory, "")
+    top = os.stat(directory)
+    walk(directory, "", frozenset({(top.st_dev, top.st_ino)}))
     return sorted(found)
 
 
@@ -65,7 +96,8 @@ def class_folders(directory: str) -> list[str]:
     if storage.is_remote(directory):
         return sorted(name for name in storage.list_remote_folders(directory) if not _is_hidden(name))
     with os.scandir(directory) as entries:
-        return sorted(e.name for e in entries if not _is_hidden(e.name) and e.is_dir(follow_symlinks=True))
+        return sorted(e.name for e in entries
+                      if not _is_hidden(e.name) and _directory_id(e) not in (None, UNFOLLOWABLE))
 
 
 class FileSource:
@@ -100,20 +132,22 @@ class FileSource:
 
     def read_record(self, index: int) -> dict:
         """The element undecoded: {"encoded": file bytes, "label", "index"}. An unreadable file (permissions, I/O
-        error) gives empty bytes, which decoding then reports as a bad file like any other."""
+        error, a dangling symlink) gives empty bytes, which decoding then reports as a bad file like any other,
+        and "read_error": the OS's reason, for the messages that name the file."""
         index = int(index)
+        record = {"label": np.int32(self._labels[index]), "index": np.int64(index)}
         try:
-            data = storage.read_bytes(self.name(index))
-        except OSError:
-            data = b""
-        return {"encoded": data, "label": np.int32(self._labels[index]), "index": np.int64(index)}
+            record["encoded"] = storage.read_bytes(self.name(index))
+        except OSError as error:
+            record["encoded"], record["read_error"] = b"", error.strerror or str(error)
+        return record
 
     def __getitem__(self, index):
         record = self.read_record(index)
         try:
             image = decode.decode(record["encoded"])
         except decode.BadImageError as error:
-            raise decode.BadImageError(f"{self.name(index)}: {error}") from error
+            raise decode.BadImageError(f"{self.name(index)}: {record.get('read_error', error)}") from error
         return {"image": image, "label": int(record["label"])}
 
 

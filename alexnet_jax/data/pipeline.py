@@ -22,8 +22,14 @@ holds the running total.
 """
 
 import dataclasses
+import functools
 import gc
+import hashlib
+import os
+import secrets
 import signal
+import threading
+import time
 
 import grain
 import numpy as np
@@ -35,6 +41,7 @@ AUGMENTATIONS = ("alexnet", "inception")
 EVAL_VIEW = "eval"  # TrainTransform's view for the BatchNorm-statistics set: the eval crop, with substitutes
 EVAL_CROPS = (1, 10)
 MAX_SUBSTITUTES = 16  # a train element gives up (and the run stops) only if this many draws in a row are bad
+PARENT_POLL_S = 0.2  # how often a grain worker checks that the trainer is still alive
 
 
 def _train_box_fn(augment: str, image_size: int, resize_size: int, rng: np.random.Generator):
@@ -77,7 +84,8 @@ class TrainTransform(grain.transforms.RandomMap):
                     bad_index = int(example["index"])  # named by the consuming process, see BatchIterator
                 else:  # the substitute was bad too: rare enough to log here, in the worker
                     logging.warning("unreadable image, drawn to replace another: %s: %s",
-                                    self.records.source.name(int(example["index"])), error)
+                                    self.records.source.name(int(example["index"])),
+                                    example.get("read_error", error))
                 example = self.records[int(rng.integers(len(self.records)))]
         raise RuntimeError(f"{MAX_SUBSTITUTES + 1} unreadable images in a row (first at index {bad_index}): "
                            "is the data path right?")
@@ -165,14 +173,128 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
-def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
-    """Runs first in each grain worker: Ctrl-C (and a scheduler's SIGTERM to the whole process group, e.g.
-    scancel) reaches the workers too, and the training process alone decides what it means (checkpoint, then
-    stop, then close the workers); a worker that died of it would fail the last batches before the checkpoint,
-    print a traceback and leak its shared memory."""
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory and named semaphores
+_shm_tag = None  # this run's name prefix, set by release_orphaned_shared_memory
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of process `pid` (with the pid, it names one process, whatever reuses the pid);
+    None if there is no such process or it is a zombie, '' if /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    except (OSError, IndexError):
+        return ""
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _workdir_key(workdir: str) -> str:
+    name = workdir if "://" in workdir else os.path.abspath(workdir)
+    return hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
+def _use_tag(tag: str) -> None:
+    """Names this process's new shared-memory blocks and multiprocessing semaphores `<tag><random>`.
+
+    grain gives its blocks anonymous random names (as does multiprocessing its semaphores, or loky's
+    `loky-<pid>-` once sklearn's joblib is imported), so a dead run's leftovers could not be told from a live
+    run's. Python has no public way to choose them, so this sets the two module-level name makers the standard
+    library uses at each creation; if a Python release renames them, names stay anonymous and only the cleanup
+    of killed runs is lost."""
+    from multiprocessing import shared_memory, synchronize
+
+    if hasattr(shared_memory, "_make_filename"):
+        shared_memory._make_filename = lambda: f"/{tag}{secrets.token_hex(8)}"
+    if hasattr(synchronize.SemLock, "_make_name"):
+        synchronize.SemLock._make_name = staticmethod(lambda: f"/{tag}s{secrets.token_hex(8)}")
+
+
+def _remove_tagged(prefix: str, keep) -> dict:
+    """Unlinks the blocks and semaphores in SHM_DIR whose names start with `prefix` + '<pid>.<start>.', except
+    those `keep(pid, start)` accepts; returns {pid: number removed}."""
+    removed = {}
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    for name in names:
+        bare = name[4:] if name.startswith("sem.") else name
+        if not bare.startswith(prefix):
+            continue
+        pid, _, rest = bare[len(prefix):].partition(".")
+        start, dot, _ = rest.partition(".")
+        if not (pid.isdigit() and dot) or keep(int(pid), start):
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except FileNotFoundError:  # freed meanwhile by its reader
+            continue
+        except OSError as error:
+            logging.warning("cannot remove %s, left by a killed run: %s", os.path.join(SHM_DIR, name),
+                            error.strerror)
+            continue
+        removed[int(pid)] = removed.get(int(pid), 0) + 1
+    return removed
+
+
+def _still_running(pid: int, start: str) -> bool:
+    now = _process_start(pid)
+    return now is not None and (now == start or "" in (now, start) or start == "0")  # unknown: keep
+
+
+def release_orphaned_shared_memory(workdir: str) -> None:
+    """Frees the shared memory that killed trainers of `workdir` left in /dev/shm, and names this process's from
+    now on so that a later run can do the same for it.
+
+    A trainer killed by SIGKILL or the OOM killer cannot free the batches its grain workers had in flight (and the
+    workers, see _init_worker, free them only if they outlive it). Every block and semaphore of this process and
+    its workers is named `ajx.<workdir key>.<pid>.<start time>.<random>`; a run frees those of every pid of its
+    workdir that is no longer the process that made them. Live runs keep theirs. Linux only (elsewhere there is
+    no /dev/shm to list, and names this long would not fit)."""
+    global _shm_tag
+    if not os.path.isdir(SHM_DIR):
+        return
+    prefix = f"ajx.{_workdir_key(workdir)}."
+    removed = _remove_tagged(prefix, keep=_still_running)
+    for pid, count in sorted(removed.items()):
+        logging.warning("freed %d shared-memory block(s) in %s left by a killed run of this workdir (pid %d)",
+                        count, SHM_DIR, pid)
+    pid = os.getpid()
+    _shm_tag = f"{prefix}{pid}.{_process_start(pid) or 0}."
+    _use_tag(_shm_tag)
+
+
+def _watch_parent(parent: int, tag: str | None) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    # The trainer is gone, so every block of its run is garbage, in flight or not: free them now rather than at
+    # the next run, then go.
+    if tag:
+        prefix = tag.rsplit(".", 3)[0] + "."  # 'ajx.<workdir key>.' of 'ajx.<workdir key>.<pid>.<start>.'
+        _remove_tagged(prefix, keep=lambda pid, start: f"{prefix}{pid}.{start}." != tag)
+    os._exit(1)
+
+
+def _init_worker(parent: int, tag: str | None, worker_index: int, worker_count: int) -> None:
+    """Runs first in each grain worker.
+
+    Ctrl-C (and a scheduler's SIGTERM to the whole process group, e.g. scancel) reaches the workers too, and the
+    training process alone decides what it means (checkpoint, then stop, then close the workers); a worker that
+    died of it would fail the last batches before the checkpoint, print a traceback and leak its shared memory.
+
+    A worker must not outlive the trainer (SIGKILL, the OOM killer): nothing would ever read its batches, and it
+    would keep its memory and its shared memory for good. A thread watches the parent pid instead of a
+    parent-death signal (prctl PR_SET_PDEATHSIG), because that signal fires when the *thread* that started the
+    process ends, and grain starts workers from its prefetch threads, which come and go while the trainer lives.
+    `parent` is the trainer's pid as the trainer saw it, so a trainer that died before this ran is noticed too."""
     del worker_index, worker_count
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if tag:
+        _use_tag(tag)
+    threading.Thread(target=_watch_parent, args=(parent, tag), name="alexnet_jax-parent-watch", daemon=True).start()
 
 
 def feed_options(data_config) -> dict:
@@ -192,15 +314,18 @@ def _to_iterator(ds: grain.MapDataset, workers: int, worker_threads: int = 0, wo
         flags.FLAGS.mark_as_parsed()
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=worker_threads if workers else 2, prefetch_buffer_size=2))
     if workers:
+        if _shm_tag:  # again: importing sklearn (digits) since then re-sets the semaphore names, see _use_tag
+            _use_tag(_shm_tag)
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer),
-                            worker_init_fn=_ignore_interrupts)
+                            worker_init_fn=functools.partial(_init_worker, os.getpid(), _shm_tag))
     return iter(it)
 
 
 def describe_bad_file(source, index: int) -> str:
     """'<file>: <why it cannot be decoded>' for element `index` of a source of encoded images."""
     try:
-        why = decode.check(source.read_record(index).get("encoded", b"x")) or (
+        record = source.read_record(index)
+        why = record.get("read_error") or decode.check(record.get("encoded", b"x")) or (
             "failed to decode in the pipeline but decodes when read again (a transient read error?)")
     except Exception as error:  # reading it again failed too: say so rather than lose the name
         why = str(error)
