@@ -192,11 +192,12 @@ def eval_batch_size(config) -> int:
     return config.eval_batch_size if config.eval_batch_size > 0 else config.batch_size
 
 
-def evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=None) -> dict:
+def evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=None, abandon=None) -> dict | None:
     """Exact eval_loss / eval_top1 / eval_top5 over every example of the split, each counted once.
 
     `batches`: this process's local batches of one pass (e.g. a pipeline.eval_passes pass, whose grain workers
-    live across evals); by default a pipeline of its own."""
+    live across evals); by default a pipeline of its own. `abandon`: asked before each batch; once it answers
+    True the pass stops and None is returned (a stop request: the checkpoint must not wait for the eval)."""
     if batches is None:
         own = pipeline.eval_batches(
             eval_source, global_batch_size=eval_batch_size(config), image_size=config.data.image_size,
@@ -209,6 +210,8 @@ def evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=None) -> di
             own.close()  # its grain workers and their shared memory
     totals = None
     for local_batch in batches:
+        if abandon is not None and abandon():
+            return None
         sums = eval_fn(model_vars, sharding.host_to_global(local_batch, mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -352,9 +355,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     class_names = train_source.class_names
 
     manager = checkpointing.create_manager(workdir, config.max_checkpoints_to_keep)
+    # From here on Ctrl-C and SIGTERM mean "checkpoint the last finished step, then stop", also while restoring
+    # and compiling: the request is honoured after the first step.
+    preemption = checkpointing.PreemptionWatch(manager)
     try:
         state, latest = checkpointing.restore_newest_good(manager, abstract_state, config)
     except checkpointing.IncompatibleCheckpoint as error:
+        preemption.close()
         manager.close()
         raise config_lib.ConfigError(str(error)) from None
 
@@ -409,7 +416,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step, last_log, last_eval, pending, ready = start_step, start_step, {}, [], []
     skipped_total = int(jax.device_get(state.skipped_steps))  # counted on the host from each row's steps
     batches, throughput = batches_from(step), metrics.Throughput(config.batch_size, step, total_steps)
-    preemption = checkpointing.PreemptionWatch(manager)
+    # A single process may drop an eval half-way when asked to stop; processes of a multi-process run must run
+    # the same collectives, so they finish it (and a preemption notice is honoured before an eval anyway).
+    abandon_eval = (lambda: preemption.signal_name is not None) if jax.process_count() == 1 else None
 
     def report(window_step, window):
         """Writes and logs the row of the window ending at `window_step`; returns the spike detector's verdict."""
@@ -477,9 +486,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 model_vars = {"params": state.params,
                               "batch_stats": state.batch_stats if bn_stats is None else bn_stats}
                 with throughput.paused() as pause:
-                    last_eval = evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=eval_passes())
-                writer.write(step, last_eval)
-                metrics.log_eval(step, last_eval, pause.seconds)
+                    last_eval = evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=eval_passes(),
+                                         abandon=abandon_eval)
+                if last_eval is None:  # stopped half-way: save the step without an eval, then stop
+                    logging.info("Eval at step %d abandoned on %s", step, preemption.signal_name)
+                    last_eval, evaluated, stop_reason = {}, False, preemption.signal_name
+                else:
+                    writer.write(step, last_eval)
+                    metrics.log_eval(step, last_eval, pause.seconds)
             if saving or stop_reason:
                 with throughput.paused():
                     if saving:

@@ -66,16 +66,11 @@ def _rows(workdir):
 
 
 def _assert_same_statistics(a, b):
-    # Pooled as E[x^2] - E[x]^2 over differently ordered float32 sums: the subtraction scales their ~1e-6
-    # rounding difference by the ratio of the mean square to the variance (seen: 1.1e-5 on a variance of 22).
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=5e-5, atol=1e-6), a, b)
-
-
-def _resume_from_step_4(source, target):
-    """A copy of a finished run's workdir holding only its step-4 checkpoint."""
-    shutil.copytree(source, target)
-    shutil.rmtree(target / "checkpoints" / str(STEPS))
-    return target
+    """Equal up to float32 rounding: the topologies' weights already differ at rounding level (their losses
+    agree to 1e-5), and each layer's moments carry that through every layer below it, so each vector is compared
+    at a tolerance relative to its own scale (seen: 3.5e-6 on a mean of 0.048 in a vector reaching 5.9)."""
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5 * float(np.max(np.abs(y)))),
+                 a, b)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ naming it, and a count per epoch (train) or at the end of the pass (eval); the i
 holds the running total.
 """
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -30,6 +31,8 @@ import secrets
 import signal
 import threading
 import time
+
+from multiprocessing import resource_tracker
 
 import grain
 import numpy as np
@@ -297,6 +300,27 @@ def _init_worker(parent: int, tag: str | None, worker_index: int, worker_count: 
     threading.Thread(target=_watch_parent, args=(parent, tag), name="alexnet_jax-parent-watch", daemon=True).start()
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Blocks SIGINT and SIGTERM in this thread for the duration: they stay pending (or another thread takes
+    them), never lost.
+
+    Grain starts its worker processes from the thread that asks for the next batch, or from threads that one
+    creates, and a process starts with the signal mask of the thread that forked it. A worker started with the
+    two signals blocked cannot be killed by a Ctrl-C typed while it is still importing, before _init_worker makes
+    it ignore them (one typed 1 s into the first eval used to kill the starting eval workers: C++ 'terminate
+    called' tracebacks, then a crashed run without a checkpoint). Threads inherit the mask too, so grain's
+    threads created meanwhile, and the workers they start later, are covered as well."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def feed_options(data_config) -> dict:
     """The pipeline's process/thread/prefetch settings from a config's data section, as keyword arguments of
     train_batches, eval_batches, eval_passes and RepeatedPasses."""
@@ -318,7 +342,11 @@ def _to_iterator(ds: grain.MapDataset, workers: int, worker_threads: int = 0, wo
             _use_tag(_shm_tag)
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer),
                             worker_init_fn=functools.partial(_init_worker, os.getpid(), _shm_tag))
-    return iter(it)
+        # multiprocessing's resource tracker, started on first use, *unblocks* SIGINT and SIGTERM in the thread that
+        # starts it (a grain thread that would then start workers unguarded): start it here, outside the guard.
+        resource_tracker.ensure_running()
+    with interrupts_held():
+        return iter(it)
 
 
 def describe_bad_file(source, index: int) -> str:
@@ -373,7 +401,8 @@ class BatchIterator:
 
     def __next__(self):
         try:
-            batch = next(self._iterator)
+            with interrupts_held():  # a next() may start worker processes: see interrupts_held
+                batch = next(self._iterator)
         except StopIteration:
             self.end_pass()
             raise
