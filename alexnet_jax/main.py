@@ -68,8 +68,9 @@ def main(argv):
         print(f"error: {stop}", file=sys.stderr)
         return EXIT_STABILITY_STOP
     except train.Preempted as stop:
-        logging.warning("Preempted: %s", stop)
-        return EXIT_INTERRUPTED if stop.signal_name == "SIGINT" else EXIT_PREEMPTED
+        interrupted = stop.signal_name == "SIGINT"  # Ctrl-C is the user's stop, not a preemption
+        logging.warning("%s: %s", "Interrupted" if interrupted else "Preempted", stop)
+        return EXIT_INTERRUPTED if interrupted else EXIT_PREEMPTED
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("error: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
