@@ -73,6 +73,13 @@ def _assert_same_statistics(a, b):
                  a, b)
 
 
+def _resume_from_step_4(source, target):
+    """A copy of a finished run's workdir holding only its step-4 checkpoint."""
+    shutil.copytree(source, target)
+    shutil.rmtree(target / "checkpoints" / str(STEPS))
+    return target
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Four topologies of the same 4-step-checkpointed run, then two resumes across process counts."""
