@@ -6,6 +6,7 @@ Items of a checkpoint:
   meta   JSON: the config used and the class names, so a checkpoint is self-describing
   bn     BatchNorm statistics recomputed at the checkpoint's weights (precise_bn.py), where they were computed;
          inference reads them instead of the running averages in `model` (which resuming keeps using)
+  ema    with optim.ema_decay > 0: the moving average of the params, and BatchNorm statistics for it
 
 The dropout key is fold_in(seed, step) and step s reads global batch s + batch_offset (an offset that only a
 stability rollback moves, kept in the optimizer state), so (config, checkpoint) pins the RNG state and the input
@@ -17,6 +18,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -27,8 +29,14 @@ from orbax.checkpoint import checkpoint_managers
 
 from alexnet_jax import models, sharding, storage
 
-ITEMS = ("model", "train", "meta", "bn")
-BEST_METRIC = "eval_top1"
+ITEMS = ("model", "train", "meta", "bn", "ema")
+BEST_METRIC = "eval_top1"  # the default of the best_metric config key
+EVAL_METRICS_KEPT = ("eval_top1", "eval_ema_top1")  # what each checkpoint's Orbax metrics record
+
+
+def _score(metrics: dict, best_metric: str) -> float:
+    """A checkpoint's rank; one saved before `best_metric` was measured ranks last."""
+    return float(metrics.get(best_metric, float("-inf")))
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -36,30 +44,32 @@ def checkpoint_dir(workdir: str) -> str:
     return storage.join(storage.absolute(workdir), "checkpoints")
 
 
-def create_manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+def create_manager(workdir: str, max_to_keep: int = 3, read_only: bool = False,
+                   best_metric: str = BEST_METRIC) -> ocp.CheckpointManager:
     if read_only:  # Orbax warns unless saving-related options are off for a read-only manager
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     else:
-        # Keep the newest `max_to_keep` (for resuming) and, beside them, the one with the best eval_top1.
+        # Keep the newest `max_to_keep` (for resuming) and, beside them, the one with the best `best_metric`.
+        score = lambda metrics: _score(metrics, best_metric)
         policy = checkpoint_managers.AnyPreservationPolicy([
             checkpoint_managers.LatestN(n=max_to_keep),
-            checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=False, n=1,
-                                      keep_checkpoints_without_metrics=False),
+            checkpoint_managers.BestN(get_metric_fn=score, reverse=False, n=1, keep_checkpoints_without_metrics=False),
         ])
         # best_fn makes Orbax write each checkpoint's metrics to disk, so the best one is still known (and kept)
         # after a restart; without it they live in memory only.
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC],
-                                               best_mode="max")
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=score, best_mode="max")
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
 def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDict, class_names,
-         eval_metrics: dict | None = None, bn_stats: dict | None = None) -> None:
+         eval_metrics: dict | None = None, bn_stats: dict | None = None, ema_bn_stats: dict | None = None) -> None:
     """Starts an asynchronous save of `state` (a TrainState); training goes on while it is written. Every
     process must call it (each writes its own shards). `eval_metrics` from the same step rank it for BestN;
-    `bn_stats`, BatchNorm statistics recomputed at these weights, go in the `bn` item."""
+    `bn_stats`, BatchNorm statistics recomputed at these weights, go in the `bn` item, and `ema_bn_stats`
+    (those of the EMA weights) beside the EMA in the `ema` item (the running averages where there are none)."""
     step = int(jax.device_get(state.step))
-    metrics = {BEST_METRIC: float(eval_metrics[BEST_METRIC])} if eval_metrics else None
+    kept = {key: float(eval_metrics[key]) for key in EVAL_METRICS_KEPT if key in (eval_metrics or {})}
+    metrics = kept or None
     items = {
         "model": ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
         "train": ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
@@ -68,6 +78,9 @@ def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDic
     }
     if bn_stats is not None:
         items["bn"] = ocp.args.StandardSave({"batch_stats": bn_stats})
+    if state.ema_params is not None:
+        items["ema"] = ocp.args.StandardSave({"params": state.ema_params, "batch_stats": state.batch_stats
+                                              if ema_bn_stats is None else ema_bn_stats})
     manager.save(step, metrics=metrics, args=ocp.args.Composite(**items))
 
 
@@ -99,8 +112,17 @@ def restore_train_state(manager: ocp.CheckpointManager, step: int, target_state)
                                         "skipped_steps": target_state.skipped_steps}),
     ))
     model, train = restored.model, restored.train
+    ema_params = None
+    if target_state.ema_params is not None:
+        if has_item(manager, step, "ema"):
+            ema_params = _restore_in_step(manager, step, ocp.args.Composite(ema=ocp.args.StandardRestore(
+                {"params": target_state.ema_params, "batch_stats": target_state.batch_stats}))).ema["params"]
+        else:  # written with optim.ema_decay = 0, or before the average existed
+            logging.info("The checkpoint at step %d has no weight average: starting it from its params", step)
+            ema_params = jax.tree.map(jnp.copy, model["params"])
     return target_state.replace(step=train["step"], params=model["params"], batch_stats=model["batch_stats"],
-                                opt_state=train["opt_state"], skipped_steps=train["skipped_steps"])
+                                opt_state=train["opt_state"], skipped_steps=train["skipped_steps"],
+                                ema_params=ema_params)
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -178,10 +200,14 @@ def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
     return _restore_in_step(manager, step, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
+def has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
+    return epath.Path(storage.join(manager.directory, str(step), item)).is_dir()
+
+
 def has_precise_bn(manager: ocp.CheckpointManager, step: int) -> bool:
     """Whether the checkpoint at `step` holds recomputed BatchNorm statistics (written since they exist, for a
     BatchNorm model with precise_bn_examples > 0, and finite when computed)."""
-    return epath.Path(storage.join(manager.directory, str(step), "bn")).is_dir()
+    return has_item(manager, step, "bn")
 
 
 def restore_precise_bn(manager: ocp.CheckpointManager, step: int, abstract_batch_stats: dict) -> dict | None:
@@ -194,21 +220,35 @@ def restore_precise_bn(manager: ocp.CheckpointManager, step: int, abstract_batch
     return restored.bn["batch_stats"]
 
 
-def restore_model(manager: ocp.CheckpointManager, step: int, abstract_model: dict) -> dict:
+class CheckpointNotFound(FileNotFoundError):
+    pass
+
+
+WEIGHTS = ("raw", "ema")  # which weights of a checkpoint inference loads (--weights)
+
+
+def default_weights(config) -> str:
+    """The weights best_metric ranks checkpoints by: what predict/evaluate/export load unless told."""
+    return "ema" if config.get("best_metric", BEST_METRIC) == "eval_ema_top1" else "raw"
+
+
+def restore_model(manager: ocp.CheckpointManager, step: int, abstract_model: dict, weights: str = "raw") -> dict:
     """Params and the BatchNorm statistics inference should use, onto the shardings in `abstract_model` (no
-    optimizer state): the statistics recomputed at these weights where the checkpoint has them, the running
-    averages otherwise."""
+    optimizer state). weights="raw": the trained params, with the statistics recomputed at them where the
+    checkpoint has them, the running averages otherwise; "ema": the weight average and its statistics."""
+    if weights == "ema":
+        if not has_item(manager, step, "ema"):
+            raise CheckpointNotFound(f"the checkpoint at step {step} in {manager.directory} holds no weight average "
+                                     "(trained with optim.ema_decay=0): use --weights=raw")
+        return _restore_in_step(manager, step, ocp.args.Composite(ema=ocp.args.StandardRestore(abstract_model))).ema
     model = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_model))).model
     precise = restore_precise_bn(manager, step, abstract_model["batch_stats"])
     return model if precise is None else {"params": model["params"], "batch_stats": precise}
 
 
-class CheckpointNotFound(FileNotFoundError):
-    pass
-
-
-def load_for_inference(workdir: str, step: int | None = None, mesh=None):
-    """(config, class_names, model_vars, step) from DIR/checkpoints: params and BatchNorm statistics only.
+def load_for_inference(workdir: str, step: int | None = None, mesh=None, weights: str | None = None):
+    """(config, class_names, model_vars, step) from DIR/checkpoints: params and BatchNorm statistics only;
+    `weights` "raw" or "ema" (see restore_model), by default the ones the run's best_metric ranks.
 
     Params land replicated on this machine's devices (or `mesh`), whatever topology trained them: Orbax reads
     each array onto the explicit target sharding we pass, so a checkpoint written by 4 devices with fc6/fc7 split
@@ -230,7 +270,7 @@ def load_for_inference(workdir: str, step: int | None = None, mesh=None):
         replicated = sharding.replicated(mesh)
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                               models.abstract_model_vars(config.model))
-        model_vars = restore_model(manager, step, target)
+        model_vars = restore_model(manager, step, target, weights or default_weights(config))
     finally:
         manager.close()
     return config, meta["class_names"], model_vars, step

@@ -64,6 +64,13 @@ def run(main) -> None:
     app.run(main, flags_parser=parse_flags)
 
 
+def define_weights_flag() -> None:
+    """--weights of the commands that load a checkpoint for inference (predict, evaluate, export)."""
+    flags.DEFINE_enum("weights", None, ["raw", "ema"], "Which weights of the checkpoint to use: the trained ones "
+                      "(raw) or their moving average (ema, with optim.ema_decay > 0); default: the ones the run's "
+                      "best_metric ranks checkpoints by.")
+
+
 def define_distributed_flags() -> None:
     """The multi-process flags of every command that may run on several hosts at once (main, evaluate)."""
     flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs.")

@@ -11,6 +11,7 @@ from alexnet_jax import optim, storage
 
 SOURCES = ("digits", "synthetic", "imagefolder", "arrayrecord")
 DTYPES = ("auto", "float32", "bfloat16")
+BEST_METRICS = ("eval_top1", "eval_ema_top1")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -27,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = -1  # <= 0: once per epoch
     c.checkpoint_every_steps = 1000
     c.max_checkpoints_to_keep = 3
+    # The eval metric that ranks checkpoints (the best one is kept beside the newest) and picks the weights that
+    # predict/evaluate/export load by default: eval_top1 (raw weights) or eval_ema_top1 (needs optim.ema_decay > 0).
+    c.best_metric = "eval_top1"
     # A workdir lock whose heartbeat is this old has lost its trainer (see workdir_lock.py and the README).
     c.workdir_lock_timeout_s = 300.0
     c.eval_batch_size = -1  # <= 0: same as batch_size
@@ -94,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
     # before the single optimizer update (1 = off): same result with less memory, except that BatchNorm
     # normalises each micro-batch with its own statistics (and updates its running averages once per micro-batch).
     c.optim.grad_accum_steps = 1
+    # Exponential moving average of the weights, updated in the train step with the warm-up
+    # min(ema_decay, (1 + t) / (10 + t)); 0 = off. Evaluated beside the raw weights (eval_ema_* rows) and saved in
+    # each checkpoint; predict/evaluate/export take --weights=ema|raw. torchvision and timm use 0.9998-0.99998.
+    c.optim.ema_decay = 0.0
 
     # Gradient-explosion guard (alexnet_jax/stability.py). A step with a non-finite loss, gradient or update is
     # always skipped on the device; these set what the host does about it and about loss spikes.
@@ -217,6 +225,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     elif 2 * d.image_size < d.resize_size:
         problems.append(f"data.image_size={d.image_size} crops under half of data.resize_size={d.resize_size}: "
                         "set data.resize_size too (it defaults to 256/224 of data.image_size)")
+    best = config.get("best_metric", "eval_top1")
+    if best not in BEST_METRICS:
+        problems.append(f"best_metric must be one of {', '.join(BEST_METRICS)} (got {best!r})")
+    elif best == "eval_ema_top1" and not optim.get(config.optim, "ema_decay"):
+        problems.append("best_metric=eval_ema_top1 needs optim.ema_decay > 0 (the weight average is off)")
     if config.get("precise_bn_examples", 0) < 0:
         problems.append(f"precise_bn_examples must be >= 0 (got {config.precise_bn_examples})")
     if d.workers < 0:

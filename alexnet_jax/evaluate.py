@@ -48,6 +48,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
     flags.DEFINE_bool("per-class", False, "Also report per-class precision/recall and save the confusion matrix.")
     flags.DEFINE_alias("per_class", "per-class")
+    cli.define_weights_flag()
     cli.define_distributed_flags()
     flags.mark_flags_as_required(["workdir"])
 
@@ -173,7 +174,7 @@ def _view(config) -> dict:
 
 
 def evaluate_checkpoint(workdir: str, data_config=None, step: int | None = None, *, per_class: bool = False,
-                        overrides=()):
+                        overrides=(), weights: str | None = None):
     """Loads a checkpoint for inference and evaluates it; returns (result dict, confusion or None, class names).
     `overrides` names the keys of `data_config` that win over the checkpoint's eval view (e.g.
     "data.image_size"). Every process of a multi-process run calls it; all get the same result.
@@ -181,7 +182,8 @@ def evaluate_checkpoint(workdir: str, data_config=None, step: int | None = None,
     Raises checkpointing.CheckpointNotFound and config_lib.ConfigError (naming the key) for bad input, before
     anything compiles.
     """
-    checkpoint_config, class_names, model_vars, step = checkpointing.load_for_inference(workdir, step)
+    checkpoint_config, class_names, model_vars, step = checkpointing.load_for_inference(workdir, step,
+                                                                                       weights=weights)
     config = eval_config(data_config, checkpoint_config, overrides)
     config_lib.validate(config, jax.device_count(), jax.process_count(), splits=("eval",))
     try:
@@ -191,7 +193,9 @@ def evaluate_checkpoint(workdir: str, data_config=None, step: int | None = None,
         raise config_lib.ConfigError(str(error)) from None
     mesh = sharding.create_mesh(1)
     result, confusion = evaluate_model(model_vars, eval_source, config, mesh, per_class=per_class)
-    result = {"checkpoint_step": int(step), **result, "image_size": int(config.data.image_size),
+    result = {"checkpoint_step": int(step), **result,
+              "weights": weights or checkpointing.default_weights(checkpoint_config),
+              "image_size": int(config.data.image_size),
               "resize_size": int(config.data.resize_size), "devices": jax.device_count(),
               "processes": jax.process_count()}
     used, trained = _view(config), _view(checkpoint_config)
@@ -235,7 +239,7 @@ def main(argv):
     try:
         result, confusion, class_names = evaluate_checkpoint(FLAGS.workdir, FLAGS.config, FLAGS.checkpoint,
                                                              per_class=FLAGS["per-class"].value,
-                                                             overrides=overrides)
+                                                             overrides=overrides, weights=FLAGS.weights)
     except checkpointing.CheckpointNotFound as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_USAGE

@@ -41,6 +41,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("checkpoint", None, "Checkpoint step to export; default: the newest.")
     flags.DEFINE_integer("batch", None, "Fixed batch size; default: symbolic (any batch size).")
     flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "Platforms the exported function can run on.")
+    cli.define_weights_flag()
     flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -112,7 +113,8 @@ def main(argv):
               file=sys.stderr)
         return EXIT_BAD_USAGE
     try:
-        config, class_names, model_vars, step = checkpointing.load_for_inference(FLAGS.workdir, FLAGS.checkpoint)
+        config, class_names, model_vars, step = checkpointing.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
+                                                                                 weights=FLAGS.weights)
     except checkpointing.CheckpointNotFound as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_USAGE

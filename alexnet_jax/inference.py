@@ -145,10 +145,12 @@ def _as_list(images) -> list:
     return list(images)
 
 
-def load(workdir, step: int | None = None, *, batch_size: int = 64) -> Classifier:
+def load(workdir, step: int | None = None, *, batch_size: int = 64, weights: str | None = None) -> Classifier:
     """The checkpoint at `step` (default: the newest) of a training directory (local or gs://), ready to
-    classify. Raises checkpointing.CheckpointNotFound when there is none."""
-    config, class_names, model_vars, step = checkpointing.load_for_inference(os.fspath(workdir), step)
+    classify; `weights` "raw" or "ema" (default: the ones the run's best_metric ranks checkpoints by). Raises
+    checkpointing.CheckpointNotFound when there is none."""
+    config, class_names, model_vars, step = checkpointing.load_for_inference(os.fspath(workdir), step,
+                                                                             weights=weights)
     _, eval_def = models.model_graphdefs(config.model)
     model = nnx.merge(eval_def, model_vars["params"], model_vars["batch_stats"])
     return Classifier(model=model, model_vars=model_vars, class_names=list(class_names), config=config,

@@ -213,8 +213,10 @@ _OPTIONAL_FIELDS = (("clip_fraction", "clipped", ".0%"), ("skipped_steps", "skip
 
 def log_eval(step: int, row: dict, seconds: float | None = None) -> None:
     took = f" in {format_duration(seconds)}" if seconds is not None else ""
-    logging.info("eval at step %d  loss %.4f  top1 %.4f  top5 %.4f  (%d examples%s)", step, row["eval_loss"],
-                 row["eval_top1"], row["eval_top5"], row["eval_examples"], took)
+    ema = (f"  ema: loss {row['eval_ema_loss']:.4f}  top1 {row['eval_ema_top1']:.4f}  top5 {row['eval_ema_top5']:.4f}"
+           if "eval_ema_top1" in row else "")
+    logging.info("eval at step %d  loss %.4f  top1 %.4f  top5 %.4f%s  (%d examples%s)", step, row["eval_loss"],
+                 row["eval_top1"], row["eval_top5"], ema, row["eval_examples"], took)
 
 
 def quiet_library_logs() -> None:

@@ -52,6 +52,7 @@ _DEFAULTS = {
         "lars_trust_coefficient": 0.001,
         "label_smoothing": 0.0,
         "grad_accum_steps": 1,
+        "ema_decay": 0.0,
 }
 
 # The L2 norm over every leaf of a tree, what clip_by_global_norm compares with clip_norm. optax 0.2.8 deprecates
@@ -230,6 +231,7 @@ def validate_optim_config(optim_config) -> list[str]:
         check_real("lars_trust_coefficient", lambda v: 0 < v < 1, "in (0, 1)")
     # 1 would put no weight at all on the true class.
     check_real("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1) (0 disables it)")
+    check_real("ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0 disables the weight average; e.g. 0.9998)")
     grad_accum_steps = get(optim_config, "grad_accum_steps")
     if not _is_int(grad_accum_steps):
         problems.append(f"optim.grad_accum_steps must be an integer (got {grad_accum_steps!r})")

@@ -29,6 +29,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("checkpoint", None, "Checkpoint step to load; default: the newest.")
     flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
     flags.DEFINE_integer("top_k", 5, "How many classes to show per image.")
+    cli.define_weights_flag()
     flags.mark_flags_as_required(["workdir"])
 
 
@@ -38,7 +39,7 @@ def main(argv):
         raise app.UsageError("give one or more image files", exitcode=2)
     metrics.quiet_library_logs()
     try:
-        model = inference.load(FLAGS.workdir, FLAGS.checkpoint)
+        model = inference.load(FLAGS.workdir, FLAGS.checkpoint, weights=FLAGS.weights)
     except checkpointing.CheckpointNotFound as error:
         print(f"error: {error}", file=sys.stderr)
         return cli.EXIT_BAD_USAGE

@@ -31,6 +31,7 @@ class TrainState:
     batch_stats: dict
     opt_state: optax.OptState
     skipped_steps: jax.Array  # steps whose loss or gradient was not finite and were not applied
+    ema_params: dict | None = None  # exponential moving average of params (optim.ema_decay > 0), else None
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -50,9 +51,17 @@ def micro_batches(x: jax.Array, k: int, batch_sharding) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(batch_sharding.mesh, spec))
 
 
+def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
+    """The averaging weight of update `step` (0-based): min(ema_decay, (1 + t) / (10 + t)), the usual warm-up
+    (TensorFlow's ExponentialMovingAverage with num_updates), so early weights, far from the trained ones, fade
+    within tens of steps instead of thousands."""
+    t = step.astype(jnp.float32)
+    return jnp.minimum(jnp.float32(ema_decay), (1 + t) / (10 + t))
+
+
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rate_fn, dropout_key, dtype,
                flip: bool, lighting_std: float, label_smoothing: float = 0.0, grad_accum_steps: int = 1,
-               batch_sharding=None):
+               batch_sharding=None, ema_decay: float = 0.0):
     """One optimizer step. Pure: (state, global batch) -> (new state, metrics); randomness is fold_in(key, step).
 
     `tx` comes from `optim.create_optimizer`: clip threshold and learning-rate factor are scalars in its state.
@@ -101,9 +110,16 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rate_fn
     finite = (jnp.isfinite(loss) & jnp.isfinite(stats["grad_norm"]) & jnp.isfinite(stats.pop("update_norm"))
               & jnp.isfinite(stats.pop("param_norm")))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep(optax.apply_updates(state.params, updates), state.params)
+    if state.ema_params is not None:
+        decay = ema_decay_at(state.step, ema_decay)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+    else:
+        ema_params = None
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(optax.apply_updates(state.params, updates), state.params),
+        params=params,
+        ema_params=ema_params,
         batch_stats=keep(batch_stats, state.batch_stats),
         opt_state=keep(opt_state, state.opt_state),
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
@@ -150,21 +166,27 @@ def eval_view_options(config) -> dict:
             "image_size": int(config.data.image_size)}
 
 
-def _init_fn(model_config, tx):
+def _init_fn(model_config, tx, ema: bool = False):
     def init(key) -> TrainState:
         model = models.create_model(model_config, rngs=nnx.Rngs(params=key))
         _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                          opt_state=tx.init(params), skipped_steps=jnp.zeros((), jnp.int32))
+                          opt_state=tx.init(params), skipped_steps=jnp.zeros((), jnp.int32),
+                          ema_params=jax.tree.map(jnp.copy, params) if ema else None)
 
     return init
 
 
+def uses_ema(config) -> bool:
+    return float(optim.get(config.optim, "ema_decay")) > 0
+
+
 def abstract_train_state(config, mesh, tx) -> TrainState:
     """The train state as ShapeDtypeStructs carrying their mesh shardings: the target layout for both a fresh
-    initialisation and a checkpoint restore, computed without allocating anything."""
-    abstract = jax.eval_shape(_init_fn(config.model, tx), jax.random.key(config.seed))
+    initialisation and a checkpoint restore, computed without allocating anything. EMA params (if any) are laid
+    out like the params: the sharding rules match on a path's tail."""
+    abstract = jax.eval_shape(_init_fn(config.model, tx, uses_ema(config)), jax.random.key(config.seed))
     shardings = sharding.train_state_shardings(
         abstract, mesh, shard_optimizer_state=bool(config.mesh.get("shard_optimizer_state", False)))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
@@ -178,7 +200,7 @@ def create_train_state(config, tx, abstract_state: TrainState) -> TrainState:
     # initialisers alone, ~2 s without them. Accelerators compile it quickly as it is.
     fast = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     key = jax.random.key(config.seed)
-    lowered = jax.jit(_init_fn(config.model, tx), out_shardings=shardings).lower(key)
+    lowered = jax.jit(_init_fn(config.model, tx, uses_ema(config)), out_shardings=shardings).lower(key)
     return lowered.compile(compiler_options=fast)(key)
 
 
@@ -245,7 +267,8 @@ def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
                              flip=config.data.random_flip, lighting_std=float(config.data.lighting_std),
                              label_smoothing=float(optim.get(config.optim, "label_smoothing")),
                              grad_accum_steps=int(optim.get(config.optim, "grad_accum_steps")),
-                             batch_sharding=sharding.batch_sharding(mesh))
+                             batch_sharding=sharding.batch_sharding(mesh),
+                             ema_decay=float(optim.get(config.optim, "ema_decay")))
     step_fn = jax.jit(
         _with_fc_layout(step, mesh, config.model.num_classes),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
@@ -267,13 +290,14 @@ class Preempted(Exception):
         self.signal_name = signal_name
 
 
-def save_checkpoint(manager, state: TrainState, config, class_names, eval_metrics=None, bn_stats=None) -> bool:
+def save_checkpoint(manager, state: TrainState, config, class_names, eval_metrics=None, bn_stats=None,
+                    ema_bn_stats=None) -> bool:
     """Saves unless some value is not finite (the guard should make that impossible; this makes it certain)."""
     if not bool(jax.device_get(stability.all_finite(state))):
         logging.warning("Not checkpointing step %d: the train state holds non-finite values",
                         int(jax.device_get(state.step)))
         return False
-    checkpointing.save(manager, state, config, class_names, eval_metrics, bn_stats)
+    checkpointing.save(manager, state, config, class_names, eval_metrics, bn_stats, ema_bn_stats)
     return True
 
 
@@ -317,17 +341,18 @@ def _resave(manager, config, class_names, abstract_batch_stats):
     return resave
 
 
-def _best_eval(manager) -> tuple[float, int] | None:
-    scored = [(metrics[checkpointing.BEST_METRIC], step) for step in manager.all_steps()
-              if (metrics := manager.metrics(step))]
+def _best_eval(manager, best_metric: str) -> tuple[float, int] | None:
+    scored = [(metrics[best_metric], step) for step in manager.all_steps()
+              if best_metric in (metrics := manager.metrics(step) or {})]
     return max(scored) if scored else None
 
 
-def _log_done(manager, workdir: str, step: int) -> None:
-    best = _best_eval(manager)
+def _log_done(manager, workdir: str, step: int, best_metric: str) -> None:
+    best = _best_eval(manager, best_metric)
     logging.info("Done at step %d. Final checkpoint: %s/%d%s. Classify images with: python -m alexnet_jax.predict "
                  "--workdir=%s IMAGE...", step, checkpointing.checkpoint_dir(workdir), step,
-                 f"; best eval top-1 {best[0]:.4f} at step {best[1]}" if best else "", workdir)
+                 f"; best {'EMA ' if 'ema' in best_metric else ''}eval top-1 {best[0]:.4f} at step {best[1]}" if best
+                 else "", workdir)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -354,7 +379,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     layer_names = sorted(abstract_state.params)
     class_names = train_source.class_names
 
-    manager = checkpointing.create_manager(workdir, config.max_checkpoints_to_keep)
+    best_metric = config.get("best_metric", checkpointing.BEST_METRIC)
+    manager = checkpointing.create_manager(workdir, config.max_checkpoints_to_keep, best_metric=best_metric)
     # From here on Ctrl-C and SIGTERM mean "checkpoint the last finished step, then stop", also while restoring
     # and compiling: the request is honoured after the first step.
     preemption = checkpointing.PreemptionWatch(manager)
@@ -420,6 +446,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # the same collectives, so they finish it (and a preemption notice is honoured before an eval anyway).
     abandon_eval = (lambda: preemption.signal_name is not None) if jax.process_count() == 1 else None
 
+    def evaluate_weights(params, bn_stats, running_stats) -> dict | None:
+        model_vars = {"params": params, "batch_stats": running_stats if bn_stats is None else bn_stats}
+        return evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=eval_passes(), abandon=abandon_eval)
+
+    def evaluate_state(state, bn_stats, ema_bn_stats) -> dict | None:
+        """The eval row of the raw weights and, with optim.ema_decay > 0, of their average beside it (eval_ema_*);
+        None when a stop request abandoned it."""
+        row = evaluate_weights(state.params, bn_stats, state.batch_stats)
+        if row is None or state.ema_params is None:
+            return row
+        ema = evaluate_weights(state.ema_params, ema_bn_stats, state.batch_stats)
+        return None if ema is None else {**row, **{key.replace("eval_", "eval_ema_"): value
+                                                   for key, value in ema.items() if key != "eval_examples"}}
+
     def report(window_step, window):
         """Writes and logs the row of the window ending at `window_step`; returns the spike detector's verdict."""
         nonlocal skipped_total
@@ -478,16 +518,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 # Stopping right after a rollback: the restored checkpoint (its controls re-saved) is where a
                 # rerun resumes, unless training went on from the spike, which no checkpoint holds yet.
                 evaluated, saving = False, step not in manager.all_steps()
-            bn_stats = None
+            bn_stats = ema_bn_stats = None
             if precise and (evaluated or saving):
                 with throughput.paused():  # what is evaluated and saved must hold statistics of these weights
                     bn_stats = precise(state.params, state.batch_stats)
+                    if state.ema_params is not None:
+                        ema_bn_stats = precise(state.ema_params, state.batch_stats)
             if evaluated:
-                model_vars = {"params": state.params,
-                              "batch_stats": state.batch_stats if bn_stats is None else bn_stats}
                 with throughput.paused() as pause:
-                    last_eval = evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=eval_passes(),
-                                         abandon=abandon_eval)
+                    last_eval = evaluate_state(state, bn_stats, ema_bn_stats)
                 if last_eval is None:  # stopped half-way: save the step without an eval, then stop
                     logging.info("Eval at step %d abandoned on %s", step, preemption.signal_name)
                     last_eval, evaluated, stop_reason = {}, False, preemption.signal_name
@@ -498,7 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 with throughput.paused():
                     if saving:
                         save_checkpoint(manager, state, config, class_names, last_eval if evaluated else None,
-                                        bn_stats)
+                                        bn_stats, ema_bn_stats)
                     writer.flush()  # the rows up to a checkpoint must outlive a kill (on GCS they are uploaded whole)
             if stop_reason:
                 manager.wait_until_finished()
@@ -509,7 +548,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("Nothing to do: the checkpoint in %s is already at step %d of %d", workdir, start_step,
                          total_steps)
         manager.wait_until_finished()
-        _log_done(manager, workdir, step)
+        _log_done(manager, workdir, step, best_metric)
     finally:
         preemption.close()
         batches.close()

@@ -149,6 +149,20 @@ class RecordView:
         return self.source.read_record(index)
 
 
+@dataclasses.dataclass(frozen=True)
+class Subset:
+    """The elements of `source` at `indices`, in that order."""
+
+    source: object
+    indices: tuple
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.source[self.indices[index]]
+
+
 def _records(source):
     return RecordView(source) if hasattr(source, "read_record") else source
 
@@ -525,8 +539,10 @@ def stats_dataset(source, *, num_examples: int, global_batch_size: int, seed: in
     placeholder would skew every layer's moments."""
     local = _local_batch_size(global_batch_size, process_count)
     records = _records(source)
-    # Another permutation than the training stream's first epoch (seed), so the set is no particular epoch's head.
-    ds = grain.MapDataset.source(records).shuffle(seed=seed + 1)[:num_examples]
+    # A fixed list of indices, not a grain shuffle: grain reshuffles a shuffled dataset at every repetition, and
+    # the set must be the same examples at every eval and save.
+    chosen = np.random.default_rng(seed).permutation(len(source))[:num_examples]
+    ds = grain.MapDataset.source(Subset(records, tuple(int(i) for i in chosen)))
     ds = ds.random_map(TrainTransform(image_size, resize_size, EVAL_VIEW, records if records is not source else None),
                        seed=seed)
     return ds.batch(local, drop_remainder=True)[process_index::process_count]
