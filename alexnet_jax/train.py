@@ -113,7 +113,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rate_fn
     params = keep(optax.apply_updates(state.params, updates), state.params)
     if state.ema_params is not None:
         decay = ema_decay_at(state.step, ema_decay)
-        ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+        ema_params = keep(jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params),
+                          state.ema_params)
     else:
         ema_params = None
     new_state = state.replace(
