@@ -14,8 +14,10 @@ pipeline's position: nothing else is needed to resume exactly.
 """
 
 import os
+import re
 import signal
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -61,13 +63,70 @@ def create_manager(workdir: str, max_to_keep: int = 3, read_only: bool = False,
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
+class CheckpointWriteFailed(Exception):
+    """The checkpoint of `step` could not be written (disk full, a write refused or failed by the storage); main
+    exits 4. Earlier checkpoints are intact: Orbax publishes a step only once all of its files are written."""
+
+    def __init__(self, step, directory, cause: str):
+        super().__init__(f"the checkpoint of step {step} could not be written to {directory}: {cause}")
+        self.step = step
+
+
+# The step of each manager's save in flight: its failure surfaces only at the next wait (or the next save, which
+# waits first), and must be reported as that step's. A manager whose save failed is never waited on again: Orbax
+# would re-raise the same error at every wait, close() included.
+_in_flight: "weakref.WeakKeyDictionary[ocp.CheckpointManager, int]" = weakref.WeakKeyDictionary()
+_failed: "weakref.WeakSet[ocp.CheckpointManager]" = weakref.WeakSet()
+
+
+def _write_error(error: BaseException) -> str:
+    """'No space left on device (writing FILE)' from the exceptions Orbax/TensorStore raise for a failed write,
+    which carry the OS error as text; otherwise their first line."""
+    text = " ".join(str(error).split())
+    code = re.search(r"os_error_code='?(\d+)", text)
+    file = re.search(r'(?:Failed writing|Error writing local file):? "([^"]+)"', text)
+    if isinstance(error, OSError) and error.strerror:
+        cause, where = error.strerror, error.filename
+    elif code:
+        cause, where = os.strerror(int(code.group(1))), file and file.group(1)
+    else:
+        cause, where = f"{type(error).__name__}: {text[:300]}", None
+    return f"{cause} (writing {where})" if where else cause
+
+
+def _failure(manager, step, error) -> CheckpointWriteFailed:
+    _failed.add(manager)
+    return CheckpointWriteFailed(step, manager.directory, _write_error(error))
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Waits for the save in flight; raises CheckpointWriteFailed naming its step if it could not be written."""
+    if manager in _failed:
+        return
+    step = _in_flight.pop(manager, None)
+    try:
+        manager.wait_until_finished()
+    except Exception as error:  # TensorStore and Orbax raise ValueError, RuntimeError, OSError, ... for this
+        raise _failure(manager, step, error) from None
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+    """manager.close(), reporting a save in flight that fails as `wait` does."""
+    wait(manager)
+    if manager in _failed:  # close() begins with a wait that would raise the reported error again
+        manager.wait_until_finished = lambda: None
+    manager.close()
+
+
 def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDict, class_names,
          eval_metrics: dict | None = None, bn_stats: dict | None = None, ema_bn_stats: dict | None = None) -> None:
     """Starts an asynchronous save of `state` (a TrainState); training goes on while it is written. Every
     process must call it (each writes its own shards). `eval_metrics` from the same step rank it for BestN;
     `bn_stats`, BatchNorm statistics recomputed at these weights, go in the `bn` item, and `ema_bn_stats`
-    (those of the EMA weights) beside the EMA in the `ema` item (the running averages where there are none)."""
+    (those of the EMA weights) beside the EMA in the `ema` item (the running averages where there are none).
+    Raises CheckpointWriteFailed if the previous save, or the start of this one, failed."""
     step = int(jax.device_get(state.step))
+    wait(manager)  # the previous save's failure is that step's, not this one's
     kept = {key: float(eval_metrics[key]) for key in EVAL_METRICS_KEPT if key in (eval_metrics or {})}
     metrics = kept or None
     items = {
@@ -81,7 +140,11 @@ def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDic
     if state.ema_params is not None:
         items["ema"] = ocp.args.StandardSave({"params": state.ema_params, "batch_stats": state.batch_stats
                                               if ema_bn_stats is None else ema_bn_stats})
-    manager.save(step, metrics=metrics, args=ocp.args.Composite(**items))
+    try:
+        manager.save(step, metrics=metrics, args=ocp.args.Composite(**items))
+    except Exception as error:
+        raise _failure(manager, step, error) from None
+    _in_flight[manager] = step
 
 
 def _restore_in_step(manager: ocp.CheckpointManager, step: int, args):
@@ -256,6 +319,9 @@ def load_for_inference(workdir: str, step: int | None = None, mesh=None, weights
     checkpoint that has none (see `save_for_inference`) loads the same way. `config` is the checkpoint's own: it
     describes the model that was trained.
     """
+    unreachable = storage.unreachable(workdir)
+    if unreachable:  # else a minute of retries, then "no checkpoints"
+        raise CheckpointNotFound(unreachable)
     if not epath.Path(checkpoint_dir(workdir)).is_dir():
         raise CheckpointNotFound(f"no checkpoints in {checkpoint_dir(workdir)}")
     manager = create_manager(workdir, read_only=True)

@@ -33,15 +33,79 @@ def _message(error: Exception, argv: list[str]) -> str:
     return " ".join(text.split()) if text else type(error).__name__
 
 
+def _config_file_arg(argv: list[str]) -> str | None:
+    """The file named by --config (without a `:argument` for get_config), if the command line names one."""
+    for i, arg in enumerate(argv):
+        name, _, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name == "config":
+            value = value if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            return value.split(":", 1)[0]
+    return None
+
+
+def _chain(error: BaseException):
+    seen = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _config_file_problem(error: BaseException, argv: list[str]) -> str | None:
+    """'config file F: why' when `error` comes from loading the --config file, else None.
+
+    ml_collections executes the file as Python and calls its get_config(); what goes wrong there reaches us
+    as whatever the file raised, wrapped (ValueError/TypeError, with the traceback as text) or deferred (a
+    missing file, as an IOError at first use), so the cause is found in the exception chain."""
+    path = _config_file_arg(argv)
+    if not path:
+        return None
+    if not os.path.exists(path):
+        return f"config file {path}: no such file"
+    if os.path.isdir(path):
+        return f"config file {path}: is a directory"
+    where = os.path.realpath(path)
+    not_python = "" if path.endswith(".py") else (
+        " (config files are Python modules that define get_config(), like configs/digits.py)")
+    for cause in _chain(error):
+        if isinstance(cause, SyntaxError) and cause.filename and os.path.realpath(cause.filename) == where:
+            return f"config file {path}: syntax error at line {cause.lineno}: {cause.msg}{not_python}"
+        if isinstance(cause, AttributeError) and getattr(cause, "name", None) == "get_config":
+            return f"config file {path}: defines no get_config(){not_python}"
+        lines = [frame.tb_lineno for frame in _frames(cause.__traceback__)
+                 if os.path.realpath(frame.tb_frame.f_code.co_filename) == where]
+        if lines:
+            text = " ".join(str(cause).split())[:300]
+            return f"config file {path}: line {lines[-1]}: {type(cause).__name__}{': ' + text if text else ''}"
+        if isinstance(cause, OSError) and cause.errno is not None:  # e.g. a file this process may not read
+            return f"config file {path}: {cause.strerror}"
+    if any("Error whilst parsing config file" in str(cause) for cause in _chain(error)):
+        first = list(_chain(error))[-1]  # e.g. get_config() refused the `:argument`
+        return f"config file {path}: {type(first).__name__}: {' '.join(str(first).split())[:300]}"
+    return None
+
+
+def _frames(traceback):
+    while traceback is not None:
+        yield traceback
+        traceback = traceback.tb_next
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, except that a bad flag, a missing required flag, an unreadable config file or an unknown
-    `--config.key` exits 2 with one line instead of absl's exit 1 (or a traceback for config files)."""
+    """absl's parser, except that a bad flag, a missing required flag, a config file that fails to load or an
+    unknown `--config.key` exits 2 with one line instead of absl's exit 1 (or a traceback for config files)."""
     try:
         remaining = flags.FLAGS(argv)
         if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
             flags.FLAGS.config.keys()  # config_flags defers a config file's load error to first use: force it
         return remaining
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - a config file may raise anything; others are re-raised
+        problem = _config_file_problem(error, argv)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(EXIT_BAD_USAGE)
+        if not isinstance(error, (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)):
+            raise
         print(f"error: {_message(error, argv)}", file=sys.stderr)
         if isinstance(error, (KeyError, AttributeError)) and "show_config" in flags.FLAGS:
             print("List the config keys with --config=FILE --show_config.", file=sys.stderr)

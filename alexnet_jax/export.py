@@ -112,6 +112,10 @@ def main(argv):
         print(f"error: --platforms must name some of {', '.join(PLATFORMS)} (got {','.join(FLAGS.platforms)})",
               file=sys.stderr)
         return EXIT_BAD_USAGE
+    problem = storage.unwritable(FLAGS.out, "file")
+    if problem:
+        print(f"error: --out: {problem}", file=sys.stderr)
+        return EXIT_BAD_USAGE
     try:
         config, class_names, model_vars, step = checkpointing.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
                                                                                  weights=FLAGS.weights)

@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import cli, metrics, stability, train, workdir_lock
+from alexnet_jax import checkpointing, cli, metrics, stability, storage, train, workdir_lock
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
@@ -26,6 +26,7 @@ flags.mark_flags_as_required(["config"])
 
 EXIT_BAD_CONFIG = 2
 EXIT_STABILITY_STOP = 3  # the gradient-explosion guard gave up (see stability.py)
+EXIT_CHECKPOINT_NOT_WRITTEN = 4  # disk full, storage refused a write; earlier checkpoints are intact
 EXIT_PREEMPTED = 128 + 15  # what a shell reports for SIGTERM: schedulers treat it as "terminated", so requeue
 EXIT_INTERRUPTED = 128 + 2  # Ctrl-C, as a shell reports it
 
@@ -39,6 +40,10 @@ def main(argv):
         return 0
     if not FLAGS.workdir:
         print("error: flag --workdir must be given (where checkpoints and metrics go)", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    problem = storage.unwritable(FLAGS.workdir)
+    if problem:
+        print(f"error: --workdir: {problem}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     metrics.quiet_library_logs()
     cli.enable_compilation_cache(config.get("compilation_cache_dir", ""))
@@ -64,6 +69,9 @@ def main(argv):
     except config_lib.ConfigError as error:  # found only once the data is opened (e.g. too many classes)
         print(f"error: config: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except checkpointing.CheckpointWriteFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CHECKPOINT_NOT_WRITTEN
     except stability.TrainingStopped as stop:
         print(f"error: {stop}", file=sys.stderr)
         return EXIT_STABILITY_STOP

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging as std_logging
 import math
+import sys
 import time
 import types
 
@@ -222,10 +223,14 @@ def log_eval(step: int, row: dict, seconds: float | None = None) -> None:
 def quiet_library_logs() -> None:
     """Orbax logs several INFO lines per save (and JAX one per missing backend) through absl: keep their
     warnings, drop the chatter, so our own progress lines stay readable. Orbax also warns on every read-only
-    open (predict, evaluate), which is exactly what those commands ask for."""
+    open (predict, evaluate), which is exactly what those commands ask for. A failed save is logged with its
+    traceback by each of Orbax's threads it passes through (a dozen, then more as they shut down): the error
+    reaches us too and is reported once (checkpointing.CheckpointWriteFailed), so those are dropped."""
     noisy = ("/orbax/", "/jax/_src/")
 
     def keep(record) -> bool:
+        if "/orbax/" in record.pathname and record.levelno >= std_logging.ERROR and record.exc_info:
+            return False
         # Orbax warns on every read-only open, and on every save without eval metrics (most of them).
         if "/orbax/" in record.pathname and any(
                 quiet in record.getMessage() for quiet in ("Given directory is read only", "did not provide metrics")):
@@ -233,3 +238,21 @@ def quiet_library_logs() -> None:
         return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
 
     logging.get_absl_handler().python_handler.addFilter(keep)
+    sys.unraisablehook = _quiet_orbax_leftovers(sys.unraisablehook)
+
+
+def _quiet_orbax_leftovers(default):
+    """After a failed save, TensorStore completes the writes still in flight into the asyncio loops Orbax has
+    closed meanwhile ("Event loop is closed", once per write), and at exit the coroutines of those writes are
+    collected unfinished: Python reports each through sys.unraisablehook, a page of tracebacks for a failure we
+    report in one line. Everything else still goes to `default`."""
+
+    def hook(unraisable) -> None:
+        leftover_callback = (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+                             and str(unraisable.exc_value) == "Event loop is closed")
+        code = getattr(unraisable.object, "cr_code", None)
+        if leftover_callback or (code is not None and "/orbax/" in code.co_filename):
+            return
+        default(unraisable)
+
+    return hook

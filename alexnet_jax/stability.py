@@ -40,6 +40,8 @@ import numpy as np
 import optax
 from absl import logging
 
+from alexnet_jax import checkpointing
+
 
 class TrainingStopped(RuntimeError):
     """The guard gave up after `stability.max_rollbacks` rollbacks; main prints the message and exits with 3."""
@@ -251,7 +253,7 @@ class Recovery:
 
     def _last_good_checkpoint(self) -> int | None:
         """The newest good checkpoint; deletes newer ones (they hold the spiking trajectory)."""
-        self.manager.wait_until_finished()
+        checkpointing.wait(self.manager)  # a save in flight that failed is reported as its own step's
         steps = sorted(self.manager.all_steps())
         good = max((s for s in steps if s < self.last_good_step or s == self.anchor_step), default=None)
         for s in steps:

@@ -6,6 +6,7 @@ nothing treats a URL as a local name: `os.path.abspath("gs://b/run")` is "./gs:/
 
 import logging
 import os
+import tempfile
 
 from etils import epath
 
@@ -53,8 +54,12 @@ def problem(path, want: str = "exists") -> str | None:
     """None if `path` exists (and, with want="dir" / "file", is one), else one line saying what is wrong.
 
     A missing gs:// object, a missing bucket, a bucket that cannot be reached and a missing gcsfs all end up as
-    one readable line for `error:` messages instead of a traceback. (gcsfs retries an unreachable endpoint for
-    about 30 s before giving up, and logs each failure with a traceback: those logs are held back here.)"""
+    one readable line for `error:` messages instead of a traceback. (An endpoint that refuses connections is
+    found by `unreachable` at once; one that accepts them and then fails is retried by gcsfs for about 30 s, which
+    logs each failure with a traceback: those logs are held back here.)"""
+    why = unreachable(path)
+    if why:
+        return why
     gcsfs_log = logging.getLogger("gcsfs")
     level = gcsfs_log.level
     gcsfs_log.setLevel(logging.CRITICAL)
@@ -79,6 +84,69 @@ def problem(path, want: str = "exists") -> str | None:
         return f"cannot reach {path}: {type(error).__name__}: {first_line}"
     finally:
         gcsfs_log.setLevel(level)
+
+
+def unwritable(path, want: str = "dir") -> str | None:
+    """None if this process can create or write the directory `path` (want="dir") or the file `path`
+    (want="file"), else one line saying why not: checked before anything is compiled or written, so a bad
+    --workdir / --out / --dst is one `error:` line instead of a traceback after minutes of work. Local paths get a
+    real probe (an empty folder made and removed in the nearest existing folder), which sees read-only mounts,
+    permissions and ACLs alike; gs:// paths get `unreachable`."""
+    if is_remote(path):
+        return unreachable(path)
+    path = os.path.abspath(path)
+    if want == "file" and os.path.isdir(path):
+        return f"{path} is a directory"
+    existing = path if want == "dir" else os.path.dirname(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    inside = f" (for {path})" if existing != path else ""
+    if not os.path.isdir(existing):
+        return f"{existing} is not a directory{inside}"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
+    except OSError as error:
+        return f"cannot write in {existing}{inside}: {error.strerror}"
+    return None
+
+
+PROBE_TIMEOUT_S = 5.0
+_probed: dict[str, str | None] = {}
+
+
+def _endpoints(path) -> list[str]:
+    """The HTTP endpoints a gs:// path is reached through: gcsfs's (listings, metrics, events) and tensorstore's
+    (Orbax checkpoints), each the public one unless an emulator's address is set for it."""
+    if not os.fspath(path).startswith("gs://"):
+        return []
+    public = "https://storage.googleapis.com"
+    gcsfs = os.environ.get("STORAGE_EMULATOR_HOST", "") or public
+    gcsfs = gcsfs if gcsfs.startswith(("http://", "https://")) else f"http://{gcsfs}"
+    return list(dict.fromkeys([gcsfs, os.environ.get("TENSORSTORE_GCS_HTTP_URL", "") or public]))
+
+
+def unreachable(path) -> str | None:
+    """None if the storage service behind a gs:// URL accepts a connection within PROBE_TIMEOUT_S (always None
+    for other paths), else one line naming the bucket, the endpoint and the cause. Without it an unreachable
+    endpoint costs a minute of the clients' retries and a page of tracebacks. Only a TCP connection is made (no
+    request, no credentials); each endpoint is probed once per process."""
+    import socket
+    from urllib.parse import urlsplit
+
+    for endpoint in _endpoints(path):
+        if endpoint not in _probed:
+            url = urlsplit(endpoint)
+            try:
+                socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                         timeout=PROBE_TIMEOUT_S).close()
+                _probed[endpoint] = None
+            except OSError as error:
+                why = "no answer within %gs" % PROBE_TIMEOUT_S if isinstance(error, TimeoutError) else (
+                    error.strerror or str(error) or type(error).__name__)
+                _probed[endpoint] = f"{endpoint}: {why}"
+        if _probed[endpoint]:
+            return f"cannot reach {_bucket(path)} (for {path}) at {_probed[endpoint]}"
+    return None
 
 
 def _bucket(path) -> str | None:

@@ -332,12 +332,12 @@ def _resave(manager, config, class_names, abstract_batch_stats):
 
     def resave(state):
         step = int(jax.device_get(state.step))
-        manager.wait_until_finished()
+        checkpointing.wait(manager)
         metrics = manager.metrics(step)  # keep its eval_top1, so the best-checkpoint policy still sees it
         bn_stats = checkpointing.restore_precise_bn(manager, step, abstract_batch_stats)  # the weights are the same
         manager.delete(step)
         checkpointing.save(manager, state, config, class_names, metrics, bn_stats)
-        manager.wait_until_finished()
+        checkpointing.wait(manager)
 
     return resave
 
@@ -541,14 +541,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                         bn_stats, ema_bn_stats)
                     writer.flush()  # the rows up to a checkpoint must outlive a kill (on GCS they are uploaded whole)
             if stop_reason:
-                manager.wait_until_finished()
+                checkpointing.wait(manager)
                 raise Preempted(f"stopped at step {step} on {stop_reason}: checkpoint saved in "
                                 f"{checkpointing.checkpoint_dir(workdir)}; rerun the same command to resume",
                                 preemption.signal_name)
         if start_step >= total_steps:
             logging.info("Nothing to do: the checkpoint in %s is already at step %d of %d", workdir, start_step,
                          total_steps)
-        manager.wait_until_finished()
+        checkpointing.wait(manager)  # a failed final save is reported, not announced as the final checkpoint
         _log_done(manager, workdir, step, best_metric)
     finally:
         preemption.close()
@@ -556,7 +556,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         eval_passes.close()
         if precise:
             precise.close()
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+        try:
+            checkpointing.close(manager)
+        finally:
+            writer.close()
     return last_eval

@@ -228,3 +228,23 @@ def test_profile_steps_writes_a_trace_into_the_workdir(tmp_path):
     bad = run_cli("alexnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
                   "--config.profile_steps=3:1")
     assert bad.returncode == 2 and "error: config: profile_steps" in bad.stderr
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("raises.py", "import os\nraise RuntimeError('no data here')\n", "line 2: RuntimeError: no data here"),
+    ("syntax.py", "def get_config(:\n    pass\n", "syntax error at line 1"),
+    ("empty.py", "x = 1\n", "defines no get_config()"),
+    ("config.yaml", "model:\n  width: 0.5\n", "config files are Python modules"),
+    ("value.py", "def get_config():\n    raise ValueError('bad width')\n", "line 2: ValueError: bad width"),
+    ("missing.py", None, "no such file"),
+])
+def test_a_config_file_that_fails_to_load_is_one_line_naming_it(tmp_path, name, text, says):
+    config = tmp_path / name
+    if text is not None:
+        config.write_text(text)
+    result = run_cli("alexnet_jax.main", f"--config={config}", f"--workdir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: config file {config}: "), result.stderr[-2000:]
+    assert says in lines[0] and "Traceback" not in result.stderr and "config key" not in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -305,6 +305,10 @@ def main(argv=None) -> int:
     if problem is not None:
         print(f"error: --src: {problem}", file=sys.stderr)
         return 2
+    problem = storage.unwritable(args.dst)
+    if problem:
+        print(f"error: --dst: {problem}", file=sys.stderr)
+        return 2
     try:
         convert(args)
     except ValueError as error:
