@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = -1  # <= 0: once per epoch
     c.checkpoint_every_steps = 1000
     c.max_checkpoints_to_keep = 3
+    # Where checkpoints exist but every one is damaged, the run stops (exit 2) rather than train from step 0;
+    # True moves them aside as <step>.corrupt-<time> and starts over.
+    c.restart_if_checkpoints_unusable = False
     c.eval_batch_size = -1  # <= 0: same as batch_size
 
     c.model = ml_collections.ConfigDict()

@@ -236,7 +236,7 @@ def main(argv):
         result, confusion, class_names = evaluate_checkpoint(FLAGS.workdir, FLAGS.config, FLAGS.checkpoint,
                                                              per_class=FLAGS["per-class"].value,
                                                              overrides=overrides)
-    except checkpointing.CheckpointNotFound as error:
+    except (checkpointing.CheckpointNotFound, checkpointing.CheckpointUnreadable) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_USAGE
     except config_lib.ConfigError as error:

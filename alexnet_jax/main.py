@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import cli, metrics, stability, train
+from alexnet_jax import checkpointing, cli, metrics, stability, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
@@ -58,6 +58,9 @@ def main(argv):
         train.train_and_evaluate(config, FLAGS.workdir)
     except config_lib.ConfigError as error:  # found only once the data is opened (e.g. too many classes)
         print(f"error: config: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except checkpointing.CheckpointUnreadable as error:  # nothing was moved: the user decides
+        print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except stability.TrainingStopped as stop:
         print(f"error: {stop}", file=sys.stderr)

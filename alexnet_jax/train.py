@@ -298,13 +298,8 @@ def _open_sources(config):
 def _resave(manager, config, class_names):
     """Rewrites the checkpoint of a restored state with the state's new rollback controls (see stability)."""
 
-    def resave(state):
-        step = int(jax.device_get(state.step))
-        manager.wait_until_finished()
-        metrics = manager.metrics(step)  # keep its eval_top1, so the best-checkpoint policy still sees it
-        manager.delete(step)
-        checkpointing.save(manager, state, config, class_names, metrics)
-        manager.wait_until_finished()
+    def resave(state):  # keeping its eval_top1, so the best-checkpoint policy still sees it
+        checkpointing.resave(manager, state, config, class_names, manager.metrics(int(jax.device_get(state.step))))
 
     return resave
 
@@ -351,6 +346,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except checkpointing.IncompatibleCheckpoint as error:
         manager.close()
         raise config_lib.ConfigError(str(error)) from None
+    except checkpointing.CheckpointUnreadable:
+        manager.close()
+        raise
 
     def restore(step):  # the config's clip_norm wins over the checkpoint's: a run may resume with it changed
         restored = checkpointing.restore_train_state(manager, step, abstract_state)
