@@ -57,7 +57,7 @@ _ACCESS_WORDS = ("Permission denied", "Operation not permitted", "Input/output e
 
 
 class _BadMeta(ValueError):
-    """meta/metadata parsed but is not what `save` writes."""
+    """meta/metadata or metrics/metrics parsed but is not what `save` writes."""
 
 
 _MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
@@ -95,7 +95,8 @@ def judge(error: BaseException, where: str) -> tuple[bool, str]:
         code = message.split(":", 1)[0]
         if isinstance(e, ValueError) and re.fullmatch(r"[A-Z]+(_[A-Z]+)*", code):
             file, cause = _tensorstore_file_and_cause(message)
-            access = next((w for w in _ACCESS_WORDS if w.lower() in message.lower()), None)
+            said = message.split(" [tensorstore_spec")[0].lower()  # the spec is JSON settings, not what happened
+            access = next((w for w in _ACCESS_WORDS if w.lower() in said), None)
             return code in _DAMAGE_CODES and access is None, f"{file or where}: {access or cause or code}"
     for e in chain:
         if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError, _BadMeta, *_MISSING)):
@@ -132,12 +133,18 @@ def _metrics_damage(directory: str) -> dict[int, str]:
     so they are read here first. One that cannot be read (not damage) raises CheckpointUnreadable."""
     damaged, unreadable = {}, None
     root = epath.Path(directory)
-    for child in (root.iterdir() if root.is_dir() else ()):
+    try:
+        children = list(root.iterdir()) if root.is_dir() else []
+    except OSError as error:
+        raise CheckpointUnreadable(f"cannot list {directory}: {error.strerror or error}; nothing was moved") from None
+    for child in children:
         if not child.name.isdigit():
             continue
         path = child / "metrics" / "metrics"
         try:
-            json.loads(path.read_bytes())
+            metrics = json.loads(path.read_bytes())
+            if not (isinstance(metrics, dict) and isinstance(metrics.get(BEST_METRIC), (int, float))):
+                raise _BadMeta(f"holds no {BEST_METRIC} number")  # what `save` writes; Orbax's BestN reads it
         except FileNotFoundError:  # a checkpoint saved without eval metrics
             continue
         except Exception as error:
@@ -363,8 +370,8 @@ def _set_aside(manager: ocp.CheckpointManager, damaged: dict[int, str], resuming
     longer blocks a later save of the same step number, and is no longer a step anyone resumes from."""
     if not damaged:
         return
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     multihost_utils.sync_global_devices("checkpoints judged")  # every process has read what it needs
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # after the barrier: the same names in every process's warnings
     for step, why in sorted(damaged.items(), reverse=True):
         directory = storage.join(manager.directory, str(step))
         aside = f"{directory}.corrupt-{stamp}"
@@ -438,6 +445,9 @@ def load_for_inference(workdir: str, step: int | None = None, mesh=None):
     over 'model', or by a pod slice, loads on one CPU. The optimizer state (the `train` item) is never read, so a
     checkpoint that has none (see `save_for_inference`) loads the same way. `config` is the checkpoint's own: it
     describes the model that was trained.
+
+    By default the newest checkpoint that loads: damaged newer ones are skipped with one warning (nothing is
+    moved). CheckpointUnreadable for a file that cannot be read, a damaged `step`, or when all are damaged.
     """
     if not epath.Path(checkpoint_dir(workdir)).is_dir():
         raise CheckpointNotFound(f"no checkpoints in {checkpoint_dir(workdir)}")

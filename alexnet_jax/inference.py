@@ -147,7 +147,9 @@ def _as_list(images) -> list:
 
 def load(workdir, step: int | None = None, *, batch_size: int = 64) -> Classifier:
     """The checkpoint at `step` (default: the newest) of a training directory (local or gs://), ready to
-    classify. Raises checkpointing.CheckpointNotFound when there is none."""
+    classify. Raises checkpointing.CheckpointNotFound when there is none, checkpointing.CheckpointUnreadable when
+    it cannot be read or (the newest by default, else `step`) is damaged; a damaged newest one is skipped for the
+    newest that loads, with a warning."""
     config, class_names, model_vars, step = checkpointing.load_for_inference(os.fspath(workdir), step)
     _, eval_def = models.model_graphdefs(config.model)
     model = nnx.merge(eval_def, model_vars["params"], model_vars["batch_stats"])

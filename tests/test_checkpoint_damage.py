@@ -250,3 +250,25 @@ def test_a_kill_during_a_rollback_resave_loses_nothing(tmp_path, delay):
         assert _entries(tmp_path) == ["2"]
     finally:
         manager.close()
+
+
+@pytest.mark.parametrize("error, is_damage, says", [
+    (OSError(5, "Input/output error", "/c/6/model/d/1f"), False, "/c/6/model/d/1f: Input/output error"),
+    (TimeoutError(110, "Connection timed out"), False, "/c/6: Connection timed out"),
+    (ConnectionResetError(104, "Connection reset by peer"), False, "Connection reset by peer"),
+    (ValueError('UNAVAILABLE: Error reading "x" in OCDBT database at "gs://b/c/6/model/": Connection reset'), False,
+     "gs://b/c/6/model/: Connection reset"),
+    (ValueError('UNKNOWN: Error reading local file "/c/6/model/d/1f": Input/output error [tensorstore_spec=...]'),
+     False, "/c/6/model/d/1f: Input/output error"),
+    (ValueError('DATA_LOSS: Error reading local file "/c/6/model/d/1f": Error decoding'), True, "/c/6/model/d/1f"),
+    (FileNotFoundError(2, "No such file or directory", "/c/6/model/_METADATA"), True, "/c/6/model/_METADATA"),
+    (RuntimeError("something nobody anticipated"), False, "RuntimeError: something nobody anticipated"),
+], ids=["EIO", "timeout", "connection", "tensorstore-unavailable", "tensorstore-eio", "tensorstore-data-loss",
+        "missing", "unrecognised"])
+def test_only_evidence_of_damage_counts_as_damage(error, is_damage, says):
+    """The errors no fault here can produce for real (an EIO, a dropped connection) as Python and TensorStore
+    raise them: none of them is damage, and neither is an error nobody anticipated."""
+    from alexnet_jax import checkpointing
+
+    judged, why = checkpointing.judge(error, "/c/6")
+    assert judged is is_damage and says in why, why
