@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.best_metric = "eval_top1"
     # A workdir lock whose heartbeat is this old has lost its trainer (see workdir_lock.py and the README).
     c.workdir_lock_timeout_s = 300.0
+    # Where checkpoints exist but every one is damaged, the run stops (exit 2) rather than train from step 0;
+    # True moves them aside as <step>.corrupt-<time> and starts over.
+    c.restart_if_checkpoints_unusable = False
     c.eval_batch_size = -1  # <= 0: same as batch_size
     # BatchNorm models: before every eval and save, BN statistics are recomputed at the current weights over this
     # many training examples (eval view, rounded down to whole batches; 0 = off: the running averages are used).

@@ -179,8 +179,8 @@ def evaluate_checkpoint(workdir: str, data_config=None, step: int | None = None,
     `overrides` names the keys of `data_config` that win over the checkpoint's eval view (e.g.
     "data.image_size"). Every process of a multi-process run calls it; all get the same result.
 
-    Raises checkpointing.CheckpointNotFound and config_lib.ConfigError (naming the key) for bad input, before
-    anything compiles.
+    Raises checkpointing.CheckpointNotFound, checkpointing.CheckpointUnreadable and config_lib.ConfigError (naming
+    the key) for bad input, before anything compiles.
     """
     checkpoint_config, class_names, model_vars, step = checkpointing.load_for_inference(workdir, step,
                                                                                        weights=weights)
@@ -240,7 +240,7 @@ def main(argv):
         result, confusion, class_names = evaluate_checkpoint(FLAGS.workdir, FLAGS.config, FLAGS.checkpoint,
                                                              per_class=FLAGS["per-class"].value,
                                                              overrides=overrides, weights=FLAGS.weights)
-    except checkpointing.CheckpointNotFound as error:
+    except (checkpointing.CheckpointNotFound, checkpointing.CheckpointUnreadable) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_USAGE
     except config_lib.ConfigError as error:

@@ -119,7 +119,7 @@ def main(argv):
     try:
         config, class_names, model_vars, step = checkpointing.load_for_inference(FLAGS.workdir, FLAGS.checkpoint,
                                                                                  weights=FLAGS.weights)
-    except checkpointing.CheckpointNotFound as error:
+    except (checkpointing.CheckpointNotFound, checkpointing.CheckpointUnreadable) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_USAGE
     exported = export_model(config, model_vars, batch=FLAGS.batch, platforms=FLAGS.platforms)

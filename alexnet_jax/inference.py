@@ -148,7 +148,9 @@ def _as_list(images) -> list:
 def load(workdir, step: int | None = None, *, batch_size: int = 64, weights: str | None = None) -> Classifier:
     """The checkpoint at `step` (default: the newest) of a training directory (local or gs://), ready to
     classify; `weights` "raw" or "ema" (default: the ones the run's best_metric ranks checkpoints by). Raises
-    checkpointing.CheckpointNotFound when there is none."""
+    checkpointing.CheckpointNotFound when there is none, checkpointing.CheckpointUnreadable when it cannot be read
+    or (the newest by default, else `step`) is damaged; a damaged newest one is skipped for the newest that
+    loads, with a warning."""
     config, class_names, model_vars, step = checkpointing.load_for_inference(os.fspath(workdir), step,
                                                                              weights=weights)
     _, eval_def = models.model_graphdefs(config.model)

@@ -72,6 +72,9 @@ def main(argv):
     except checkpointing.CheckpointWriteFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CHECKPOINT_NOT_WRITTEN
+    except checkpointing.CheckpointUnreadable as error:  # nothing was moved: the user decides
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     except stability.TrainingStopped as stop:
         print(f"error: {stop}", file=sys.stderr)
         return EXIT_STABILITY_STOP

@@ -40,7 +40,7 @@ def main(argv):
     metrics.quiet_library_logs()
     try:
         model = inference.load(FLAGS.workdir, FLAGS.checkpoint, weights=FLAGS.weights)
-    except checkpointing.CheckpointNotFound as error:
+    except (checkpointing.CheckpointNotFound, checkpointing.CheckpointUnreadable) as error:
         print(f"error: {error}", file=sys.stderr)
         return cli.EXIT_BAD_USAGE
     if len(model.class_names) < model.num_outputs:

@@ -327,17 +327,11 @@ def _open_sources(config):
     return train_source, eval_source
 
 
-def _resave(manager, config, class_names, abstract_batch_stats):
+def _resave(manager, config, class_names):
     """Rewrites the checkpoint of a restored state with the state's new rollback controls (see stability)."""
 
-    def resave(state):
-        step = int(jax.device_get(state.step))
-        checkpointing.wait(manager)
-        metrics = manager.metrics(step)  # keep its eval_top1, so the best-checkpoint policy still sees it
-        bn_stats = checkpointing.restore_precise_bn(manager, step, abstract_batch_stats)  # the weights are the same
-        manager.delete(step)
-        checkpointing.save(manager, state, config, class_names, metrics, bn_stats)
-        checkpointing.wait(manager)
+    def resave(state):  # keeping its eval metrics, so the best-checkpoint policy still sees them
+        checkpointing.resave(manager, state, config, class_names, manager.metrics(int(jax.device_get(state.step))))
 
     return resave
 
@@ -387,9 +381,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     preemption = checkpointing.PreemptionWatch(manager)
     try:
         state, latest = checkpointing.restore_newest_good(manager, abstract_state, config)
-    except checkpointing.IncompatibleCheckpoint as error:
+    except (checkpointing.IncompatibleCheckpoint, checkpointing.CheckpointUnreadable) as error:
         preemption.close()
         manager.close()
+        if isinstance(error, checkpointing.CheckpointUnreadable):
+            raise
         raise config_lib.ConfigError(str(error)) from None
 
     def restore(step):  # the config's clip_norm wins over the checkpoint's: a run may resume with it changed
@@ -407,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("Continuing after rollback %d: batch offset %d, learning rate x%g", controls["rollbacks"],
                      controls["batch_offset"], controls["lr_scale"])
     recovery = stability.Recovery(
-        config.stability, manager=manager, restore=restore, resave=_resave(manager, config, class_names, abstract_state.batch_stats),
+        config.stability, manager=manager, restore=restore, resave=_resave(manager, config, class_names),
         start_step=start_step, controls=controls, checkpoint_dir=checkpointing.checkpoint_dir(workdir),
         agree=checkpointing.any_process)
 
