@@ -416,6 +416,12 @@ def check_compatible(meta: dict, config: ml_collections.ConfigDict, directory: s
             raise IncompatibleCheckpoint(
                 f"{section}.{key}={now!r} but the checkpoints in {directory} were trained with {before!r}: "
                 "use the same setting or another --workdir")
+    before = saved.get("batch_size")
+    if before is not None and before != config.batch_size:  # same shapes, so nothing else would notice
+        raise IncompatibleCheckpoint(
+            f"batch_size={config.batch_size} but the checkpoints in {directory} were trained with {before}: the "
+            "global batch decides which examples form each step and where the schedule is, so a resume keeps it "
+            "(devices, processes and the mesh may change); use the same batch_size or another --workdir")
 
 
 def any_process(flag: bool) -> bool:

@@ -196,3 +196,26 @@ def test_checkpoints_without_recomputed_statistics_load_with_the_running_average
     assert precise is None
     _, _, loaded, _ = checkpointing.load_for_inference(str(workdir))
     jax.tree.map(np.testing.assert_array_equal, loaded["batch_stats"], running["batch_stats"])
+
+
+def test_a_rollback_resave_keeps_the_statistics_of_both_weights(tmp_path):
+    """A rollback rewrites the checkpoint it restores with new controls; its weights are unchanged, so the
+    statistics recomputed for them (and for their average) must survive the rewrite, not fall back to the
+    running averages."""
+    from alexnet_jax import optim, stability
+
+    config = tiny_config(variant="bn", **{"optim.ema_decay": 0.9})
+    tx = train.create_optimizer(config.optim, optim.create_learning_rate_fn(config.optim, 1, 10))
+    abstract = train.abstract_train_state(config, sharding.create_mesh(), tx)
+    state = train.create_train_state(config, tx, abstract)
+    state = state.replace(step=jnp.asarray(2, jnp.int32))
+    marked = lambda value: jax.tree.map(lambda x: jnp.full_like(x, value), state.batch_stats)
+    manager = checkpointing.create_manager(str(tmp_path))
+    names = [str(i) for i in range(10)]
+    checkpointing.save(manager, state, config, names, {"eval_top1": 0.5}, marked(3.0), marked(5.0))
+    checkpointing.wait(manager)
+    train._resave(manager, config, names)(stability.set_controls(state, lr_scale=0.5, rollbacks=1))
+    manager.close()
+    for weights, value in (("raw", 3.0), ("ema", 5.0)):
+        _, _, loaded, _ = checkpointing.load_for_inference(str(tmp_path), 2, weights=weights)
+        assert all(np.all(np.asarray(leaf) == value) for leaf in jax.tree.leaves(loaded["batch_stats"])), weights

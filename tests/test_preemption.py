@@ -120,14 +120,18 @@ def test_keeps_latest_and_best_by_eval(tmp_path):
     assert sorted(manager.all_steps()) == [2, 5, 6]
 
 
-def test_rerun_with_another_model_is_refused_not_treated_as_damage(tmp_path):
+@pytest.mark.parametrize("override, now, before", [
+    ("--config.model.width=0.125", "model.width=0.125", "0.0625"),
+    # Same shapes, so only the check notices: another global batch is another data stream and schedule.
+    ("--config.batch_size=32", "batch_size=32", "16"),
+])
+def test_rerun_with_another_model_or_batch_is_refused_not_treated_as_damage(tmp_path, override, now, before):
     workdir = tmp_path / "run"
     assert run_cli("alexnet_jax.main", f"--workdir={workdir}", *ARGS, "--config.num_train_steps=2").returncode == 0
-    result = run_cli("alexnet_jax.main", f"--workdir={workdir}", *ARGS, "--config.num_train_steps=4",
-                     "--config.model.width=0.125")
+    result = run_cli("alexnet_jax.main", f"--workdir={workdir}", *ARGS, "--config.num_train_steps=4", override)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "model.width=0.125" in errors[0] and "0.0625" in errors[0]
+    assert len(errors) == 1 and now in errors[0] and f"trained with {before}" in errors[0], errors
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # nothing moved aside or overwritten
 
 
