@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     # process use N cores: fewer workers, each holding its own copy of the file list, for the same throughput.
     c.data.worker_threads = 0
     c.data.worker_buffer = 1  # finished batches each worker keeps ready (grain's per_worker_buffer_size)
+    # Train batches already handed to the devices beyond the one a step uses: their host-to-device copies run
+    # while the step computes (0: each batch is copied when the step asks for it).
+    c.data.device_prefetch = 2
     c.data.synthetic_examples = 1024  # size of the `synthetic` source's train split (eval gets a quarter)
     c.data.augment = "alexnet"  # train crops: "alexnet" (short side resize_size, random image_size square) or
     # "inception" (random-resized crop: 8-100% of the area, aspect 3/4-4/3, resized to image_size)
@@ -235,6 +238,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         problems.append("best_metric=eval_ema_top1 needs optim.ema_decay > 0 (the weight average is off)")
     if config.get("precise_bn_examples", 0) < 0:
         problems.append(f"precise_bn_examples must be >= 0 (got {config.precise_bn_examples})")
+    if d.get("device_prefetch", 0) < 0:
+        problems.append(f"data.device_prefetch must be >= 0 (got {d.device_prefetch})")
     if d.workers < 0:
         problems.append(f"data.workers must be >= 0 (got {d.workers})")
     if d.get("worker_threads", 0) < 0:

@@ -14,6 +14,7 @@ With `mesh.model = 1` (the default) this is plain data parallelism. `mesh.shard_
 splits momentum over 'data' (ZeRO-1).
 """
 
+import collections
 import math
 import re
 
@@ -171,6 +172,36 @@ def host_to_global(local_batch: dict, mesh: Mesh) -> dict:
     """
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+class DevicePrefetch:
+    """Global batches from an iterator of local ones, the next `size` already on their way to the devices.
+
+    `jax.make_array_from_process_local_data` only issues the host-to-device copies, so holding `size` batches
+    that have been handed to it means their transfers run while the current step computes, instead of the step
+    waiting for its input to cross PCIe (or the network to a TPU host's chips) after the previous one. size 0:
+    each batch is put on the devices when asked for. `close()` closes the underlying iterator."""
+
+    def __init__(self, local_batches, mesh: Mesh, size: int = 2):
+        self._local, self._mesh, self._size = local_batches, mesh, size
+        self._queue = collections.deque()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while len(self._queue) <= self._size:
+            try:
+                self._queue.append(host_to_global(next(self._local), self._mesh))
+            except StopIteration:
+                break
+        if not self._queue:
+            raise StopIteration
+        return self._queue.popleft()
+
+    def close(self) -> None:
+        self._queue.clear()
+        self._local.close()
 
 
 def bytes_per_device(tree) -> int:

@@ -415,11 +415,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  steps_per_epoch, config.batch_size, jax.device_count(), dict(mesh.shape))
 
     def batches_from(step):  # step s trains on global batch s + batch_offset (moved on only by rollbacks)
-        return pipeline.train_batches(
+        return sharding.DevicePrefetch(pipeline.train_batches(
             train_source, start_step=step + recovery.batch_offset, **pipeline.feed_options(config.data),
             global_batch_size=config.batch_size, seed=config.seed, image_size=config.data.image_size,
             resize_size=config.data.resize_size, augment=config.data.augment,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            process_index=jax.process_index(), process_count=jax.process_count()),
+            mesh, int(config.data.get("device_prefetch", 0)))
 
     eval_passes = pipeline.eval_passes(
         eval_source, global_batch_size=eval_batch_size(config), image_size=config.data.image_size,
@@ -474,7 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         while step < total_steps:
             if profile and step == profile[0]:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            state, step_metrics = step_fn(state, sharding.host_to_global(next(batches), mesh))
+            state, step_metrics = step_fn(state, next(batches))
             step += 1
             if profile and step == profile[1]:
                 jax.block_until_ready(state)  # the trace must hold the device work, not just its dispatch

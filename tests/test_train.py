@@ -173,3 +173,40 @@ def test_gradient_accumulation_normalises_batchnorm_per_micro_batch():
     assert accumulated[0][0] == pytest.approx((halves[0][0] + halves[1][0]) / 2, rel=1e-5)
     whole, _ = _run_steps(tiny_config(variant="bn", **bn), steps=1, batch=batch)
     assert abs(whole[0][0] - accumulated[0][0]) > 1e-4  # whole-batch statistics give another loss
+
+
+def test_device_prefetch_keeps_batches_ahead_and_in_order():
+    mesh = sharding.create_mesh(1)
+    pulled = []
+
+    class Local:
+        def __init__(self):
+            self.closed = False
+
+        def __next__(self):
+            i = len(pulled)
+            if i == 5:
+                raise StopIteration
+            pulled.append(i)
+            return {"image": np.full((2, 4, 4, 3), i, np.uint8), "label": np.full((2,), i, np.int32)}
+
+        def close(self):
+            self.closed = True
+
+    local = Local()
+    feed = sharding.DevicePrefetch(local, mesh, size=2)
+    first = next(feed)
+    assert int(first["label"][0]) == 0 and pulled == [0, 1, 2]  # two more already handed to the devices
+    assert isinstance(first["image"], jax.Array)
+    assert [int(b["label"][0]) for b in feed] == [1, 2, 3, 4]
+    feed.close()
+    assert local.closed
+
+
+def test_training_sees_the_same_batches_whatever_the_device_prefetch(tmp_path):
+    rows = {}
+    for prefetch in (0, 3):
+        workdir = str(tmp_path / str(prefetch))
+        train.train_and_evaluate(tiny_config(**{"data.device_prefetch": prefetch}), workdir)
+        rows[prefetch] = [r["train_loss"] for _, r in sorted(read_rows(workdir, "train_loss").items())]
+    assert len(rows[0]) == 4 and rows[0] == rows[3]
