@@ -2,10 +2,11 @@
 # Benchmark alexnet_jax against PyTorch on this machine's GPU, and write the comparison as a markdown table.
 #
 # For each model (owt, bn) and batch (256, 1024), in bfloat16 at 224 px:
-#   python -m alexnet_jax.bench loop --json   the bare train step and the fed loop, in one process (img/s, MFU)
-#   python -m alexnet_jax.torch_reference     the same model, optimizer (SGD momentum 0.9, weight decay, clip at
-#                                             global norm) and step in PyTorch: torch.compile, bf16 autocast,
-#                                             channels_last
+#   python -m alexnet_jax.bench loop --json         the bare train step and the fed loop, in one process (img/s,
+#                                                   MFU)
+#   python -m alexnet_jax.bench.torch_reference     the same model, optimizer (SGD momentum 0.9, weight decay, clip
+#                                                   at global norm) and step in PyTorch: torch.compile, bf16
+#                                                   autocast, channels_last
 # then prints the table and writes it to $OUT. Runs from anywhere; works in the checkout it belongs to. Made to
 # finish within 8 minutes on one H100-class GPU.
 #
@@ -83,10 +84,10 @@ for variant in $VARIANTS; do
     bench "$LOG_DIR/jax_${variant}_${batch}.txt" "$PYTHON" -m alexnet_jax.bench loop --json \
       --config=configs/imagenet.py --config.model.variant="$variant" --config.batch_size="$batch" \
       --config.model.dtype=bfloat16 --config.log_every_steps=10 --steps="$STEPS" --warmup=3 --workers="$WORKERS"
-    bench "$LOG_DIR/torch_${variant}_${batch}.txt" "$PYTHON" -m alexnet_jax.torch_reference --json \
+    bench "$LOG_DIR/torch_${variant}_${batch}.txt" "$PYTHON" -m alexnet_jax.bench.torch_reference --json \
       --variant="$variant" --batch_size="$batch" --dtype=bfloat16 --compile --steps="$STEPS" --warmup=5
   done
 done
 
-run "$PYTHON" -m alexnet_jax.bench_table --logs="$LOG_DIR" --out="$OUT"
+run "$PYTHON" -m alexnet_jax.bench.table --logs="$LOG_DIR" --out="$OUT"
 [[ $DRY_RUN == 1 ]] || echo "done in ${SECONDS} s; table in $OUT, logs in $LOG_DIR" >&2

@@ -183,7 +183,7 @@ def test_mfu_uses_the_peak_of_the_device_kind_and_is_unknown_elsewhere():
 
 
 def test_the_default_config_is_added_only_when_none_is_named():
-    from alexnet_jax import bench
+    from alexnet_jax.bench import common as bench
 
     assert bench.with_default_config(["bench", "step"]) == ["bench", f"--config={bench.DEFAULT_CONFIG}", "step"]
     for named in (["bench", "step", "--config=configs/digits.py"], ["bench", "--config", "c.py", "loop"]):

@@ -35,11 +35,11 @@ def test_dry_run_installs_from_wheels_offline_and_benches_every_model_and_batch(
         for batch in (256, 1024):
             jax_runs = [c for c in commands if "alexnet_jax.bench loop" in c and f"variant={variant} " in c
                         and f"batch_size={batch} " in c]
-            torch_runs = [c for c in commands if "alexnet_jax.torch_reference" in c and f"variant={variant} " in c
+            torch_runs = [c for c in commands if "alexnet_jax.bench.torch_reference" in c and f"variant={variant} " in c
                           and f"batch_size={batch} " in c]
             assert len(jax_runs) == 1 and "--config.model.dtype=bfloat16" in jax_runs[0], commands
             assert len(torch_runs) == 1 and "--compile" in torch_runs[0] and "--dtype=bfloat16" in torch_runs[0]
-    assert "alexnet_jax.bench_table" in commands[-1]
+    assert "alexnet_jax.bench.table" in commands[-1]
     assert not (tmp_path / "t.md").exists() and not (tmp_path / "logs").exists()  # nothing written
 
 
@@ -65,7 +65,8 @@ def test_torch_model_has_the_jax_models_parameter_counts():
     import jax
     from flax import nnx
 
-    from alexnet_jax import models, torch_reference
+    from alexnet_jax import models
+    from alexnet_jax.bench import torch_reference
 
     for variant in ("owt", "bn"):
         ours = nnx.eval_shape(lambda: models.AlexNet(variant, 1000, rngs=nnx.Rngs(0)))
@@ -79,7 +80,7 @@ def test_torch_model_has_the_jax_models_parameter_counts():
 
 def test_torch_reference_runs_tiny_on_cpu_and_the_table_pairs_it_with_jax(tmp_path):
     pytest.importorskip("torch")
-    result = run_cli("alexnet_jax.torch_reference", "--json", "--variant=bn", "--width=0.0625", "--image_size=64",
+    result = run_cli("alexnet_jax.bench.torch_reference", "--json", "--variant=bn", "--width=0.0625", "--image_size=64",
                      "--batch_size=8", "--num_classes=10", "--steps=2", "--warmup=1", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -94,7 +95,7 @@ def test_torch_reference_runs_tiny_on_cpu_and_the_table_pairs_it_with_jax(tmp_pa
     (logs / "jax_bn_8.txt").write_text("log line\n" + json.dumps(jax_report) + "\n")
     (logs / "jax_owt_256.txt").write_text("crashed\n")  # a failed run: its row shows dashes
     out = tmp_path / "table.md"
-    table = run_cli("alexnet_jax.bench_table", f"--logs={logs}", f"--out={out}")
+    table = run_cli("alexnet_jax.bench.table", f"--logs={logs}", f"--out={out}")
     assert table.returncode == 0, table.stderr
     lines = out.read_text().splitlines()
     assert lines[0].startswith("| device | model | batch | dtype |") and len(lines) == 4

@@ -511,9 +511,9 @@ def test_ten_crop_probabilities_average_the_softmax_of_the_views_of_an_nnx_model
 # --- bench pipeline ------------------------------------------------------------------------------------------------
 
 def test_bench_pipeline_pieces(tmp_path):
-    from alexnet_jax import bench
+    from alexnet_jax.bench import common, pipeline as bench
 
-    paths = bench.write_jpegs(str(tmp_path), 8, classes=2)
+    paths = common.write_jpegs(str(tmp_path), 8, classes=2)
     assert len(paths) == 8 and all(p.endswith(".JPEG") for p in paths)
     assert Image.open(paths[0]).size == (500, 375)
     baseline = bench.pil_baseline(paths, 224, 256)

@@ -1,6 +1,6 @@
 """The PyTorch reference for `bench step`: the same AlexNet, optimizer and step, timed on the same device.
 
-    python -m alexnet_jax.torch_reference [--variant=owt|bn] [--batch_size=256] [--image_size=224]
+    python -m alexnet_jax.bench.torch_reference [--variant=owt|bn] [--batch_size=256] [--image_size=224]
         [--dtype=bfloat16|float32] [--compile] [--steps=20] [--warmup=5] [--json]
 
 The step is what the JAX train step does: a uint8 NHWC batch on the device -> random left-right flip ->

@@ -1,6 +1,6 @@
 """The markdown table of launch/gpu_bench.sh: JAX `bench loop` runs next to the PyTorch reference on the same device.
 
-    python -m alexnet_jax.bench_table --logs=DIR [--out=FILE]
+    python -m alexnet_jax.bench.table --logs=DIR [--out=FILE]
 
 DIR holds jax_<variant>_<batch>.txt and torch_<variant>_<batch>.txt, each the stdout of one run whose last line
 is its JSON object. A run that failed leaves its cells as "-". Prints the table and writes it to --out.

@@ -15,6 +15,11 @@ conv1's input gradient is never computed in training (nothing upstream has param
 import time
 
 import numpy as np
+from absl import flags
+
+from alexnet_jax.bench import common
+
+FLAGS = flags.FLAGS
 
 # Spatial size into each layer follows the model's order: conv1 -> pool -> conv2 -> pool -> conv3..5 -> pool.
 _CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -171,6 +176,21 @@ def run(config, *, steps: int, warmup: int, with_torch: bool) -> dict:
             sum(r["torch_fwd_ms"] + r["torch_dw_ms"] + (r["torch_dx_ms"] if i else 0) for i, r in enumerate(rows))
             + sum(p["torch_grad_ms"] for p in pools), 3)  # autograd.grad of a pool runs its forward too
     return report
+
+
+def run_command(config) -> dict:
+    config.data.source = "synthetic"
+    common.validated(config)
+    if FLAGS.torch:
+        common.torch_reference_module(config)  # the same checks: PyTorch installed, one device
+    report = run(config, steps=FLAGS.steps, warmup=FLAGS.warmup, with_torch=FLAGS.torch)
+    info = common.model_info(config)
+    if FLAGS.torch:
+        import torch
+
+        info["torch"] = torch.__version__
+    return {"bench": "layers", **report, **info, **common.device_info(), "steps": FLAGS.steps, "warmup": FLAGS.warmup,
+            **common.host_info()}
 
 
 def print_report(result: dict) -> None:

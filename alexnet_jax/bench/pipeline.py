@@ -1,0 +1,185 @@
+"""`bench pipeline`: the host input pipeline (no device) against a plain Pillow loop on the same JPEG files and
+cores, and the same files as raw-pixel records (see `python -m alexnet_jax.bench --help`)."""
+
+import io
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import flags
+
+from alexnet_jax import storage
+from alexnet_jax.bench import common
+
+FLAGS = flags.FLAGS
+
+
+def pil_baseline(paths: list[str], image_size: int, resize_size: int, seed: int = 0) -> dict:
+    """The plain loop: open, RGB, short side to resize_size, random image_size crop, as numpy."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def one(path):
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as image:  # the timed read, local or gs://
+            image = image.convert("RGB")
+            w, h = image.size
+            scale = resize_size / min(w, h)
+            image = image.resize((max(resize_size, round(w * scale)), max(resize_size, round(h * scale))),
+                                 Image.Resampling.BILINEAR)
+            array = np.asarray(image)
+        top = int(rng.integers(array.shape[0] - image_size + 1))
+        left = int(rng.integers(array.shape[1] - image_size + 1))
+        return np.ascontiguousarray(array[top:top + image_size, left:left + image_size])
+
+    for path in paths[:8]:  # warm the page cache and Pillow's plugins like the pipeline's first batch does
+        one(path)
+    cpu, start = time.process_time(), time.perf_counter()
+    for path in paths:
+        one(path)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"img_per_s": len(paths) / wall, "cpu_ms_per_img": 1000 * cpu / len(paths)}
+
+
+def _baseline_chunk(args) -> int:
+    paths, image_size, resize_size, seed = args
+    pil_baseline(paths, image_size, resize_size, seed)
+    return len(paths)
+
+
+def pil_baseline_parallel(paths: list[str], image_size: int, resize_size: int, processes: int) -> dict:
+    """The plain loop in `processes` processes at once over disjoint shares of the files: how the textbook
+    loop scales on these cores under the same load, next to the pipeline's workers."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes) as pool:
+        pool.map(_baseline_chunk, [(paths[:4], image_size, resize_size, k) for k in range(processes)])  # start-up
+        children = [p.pid for p in multiprocessing.active_children()]
+        shares = [(paths[k::processes], image_size, resize_size, k) for k in range(processes)]
+        cpu, start = common.cpu_now(children), time.perf_counter()
+        pool.map(_baseline_chunk, shares, chunksize=1)
+        wall, cpu = time.perf_counter() - start, common.cpu_now(children) - cpu
+    # Each share also decodes its first 8 files twice (pil_baseline's warm-up): count those too.
+    done = len(paths) + sum(min(8, len(s[0])) for s in shares)
+    return {"img_per_s": done / wall, "cpu_ms_per_img": 1000 * cpu / done}
+
+
+def pipeline_throughput(source, *, workers: int, batch_size: int, images: int, image_size: int, resize_size: int,
+                        augment: str = "alexnet", worker_threads: int = 0, worker_buffer: int = 1) -> dict:
+    """img/s and CPU ms/img of the train pipeline over `images` images, after its first batch (worker start-up,
+    imports and the first prefetch are not counted)."""
+    import multiprocessing
+
+    from alexnet_jax.data import pipeline
+
+    batches = pipeline.train_batches(source, workers=workers, worker_threads=worker_threads,
+                                     worker_buffer=worker_buffer, global_batch_size=batch_size, seed=0,
+                                     image_size=image_size, resize_size=resize_size, augment=augment)
+    next(batches)
+    children = [p.pid for p in multiprocessing.active_children()]
+    steps = max(1, images // batch_size)
+    cpu, start = common.cpu_now(children), time.perf_counter()
+    for _ in range(steps):
+        batch = next(batches)
+    wall, cpu = time.perf_counter() - start, common.cpu_now(children) - cpu
+    assert batch["image"].shape == (batch_size, image_size, image_size, 3) and batch["image"].dtype == np.uint8
+    del batches
+    return {"img_per_s": steps * batch_size / wall, "cpu_ms_per_img": 1000 * cpu / (steps * batch_size),
+}
+
+
+def raw_records(paths: list[str], directory: str, resize_size: int):
+    """The files converted by `data.convert --format=raw --resize=resize_size` into one shard under
+    `directory`, opened as the arrayrecord source reads them. The files are linked into an ImageFolder first, so
+    the converter reads exactly the timed files."""
+    from alexnet_jax.data import arrayrecord, convert
+
+    src, dst = os.path.join(directory, "raw_src"), os.path.join(directory, "raw_records")
+    for i, path in enumerate(paths):
+        folder = os.path.join(src, os.path.basename(os.path.dirname(path)))
+        os.makedirs(folder, exist_ok=True)
+        os.symlink(os.path.abspath(path), os.path.join(folder, f"{i:06d}_{os.path.basename(path)}"))
+    convert.convert(convert.parse_args([f"--src={src}", f"--dst={dst}", "--shards=1", "--format=raw",
+                                        f"--resize={resize_size}", "--workers=1"]))
+    return arrayrecord.ArrayRecordSource(dst)
+
+
+def run_pipeline(config) -> dict:
+    from alexnet_jax.data import imagefolder, pipeline
+
+    data = common.data_dir()
+    workers = FLAGS.workers or os.cpu_count() or 1
+    image_size, resize_size = int(config.data.image_size), int(config.data.resize_size)
+    batch_size, augment = int(config.batch_size), config.data.augment
+    feed = pipeline.feed_options(config.data)  # its threads and buffer; the worker counts are the bench's own
+    with tempfile.TemporaryDirectory(prefix="alexnet_bench_") as tmp:
+        if data:
+            source = imagefolder.ImageFolderSource(data)
+            paths = [source.name(i) for i in np.random.default_rng(0).permutation(len(source))[:FLAGS.images]]
+        else:
+            print(f"writing {FLAGS.images} JPEGs to {tmp} ...", file=sys.stderr)
+            paths = common.write_jpegs(os.path.join(tmp, "jpeg"), FLAGS.images)
+            source = imagefolder.ImageFolderSource(os.path.join(tmp, "jpeg"))
+        sizes = [os.path.getsize(p) for p in paths]
+        print(f"pil baseline over {len(paths)} files ...", file=sys.stderr)
+        baseline = pil_baseline(paths, image_size, resize_size)
+        kwargs = dict(batch_size=batch_size, images=max(len(paths), 2 * batch_size), image_size=image_size,
+                      resize_size=resize_size, augment=augment, worker_threads=feed["worker_threads"],
+                      worker_buffer=feed["worker_buffer"])
+        print(f"pil baseline in {workers} processes ...", file=sys.stderr)
+        baseline_parallel = pil_baseline_parallel(paths, image_size, resize_size, workers)
+        print("pipeline, 1 worker ...", file=sys.stderr)
+        one = pipeline_throughput(source, workers=1, **kwargs)
+        print(f"pipeline, {workers} workers ...", file=sys.stderr)
+        many = pipeline_throughput(source, workers=workers, **kwargs)
+        print("converting the files to raw-pixel records ...", file=sys.stderr)
+        records = raw_records(paths, tmp, resize_size)
+        raw_kb = records.manifest["shards"][0]["bytes"] / len(records) / 1024
+        print("raw records, 1 worker ...", file=sys.stderr)
+        raw = pipeline_throughput(records, workers=1, **kwargs)
+    result = {
+        "bench": "pipeline",
+        "pipeline_img_per_s": round(many["img_per_s"], 1),
+        "pil_baseline_img_per_s": round(baseline["img_per_s"], 1),
+        "pipeline_1worker_img_per_s": round(one["img_per_s"], 1),
+        "pil_baseline_parallel_img_per_s": round(baseline_parallel["img_per_s"], 1),
+        "raw_records_1worker_img_per_s": round(raw["img_per_s"], 1),
+        "pipeline_cpu_ms_per_img": round(many["cpu_ms_per_img"], 3),
+        "pipeline_1worker_cpu_ms_per_img": round(one["cpu_ms_per_img"], 3),
+        "pil_baseline_cpu_ms_per_img": round(baseline["cpu_ms_per_img"], 3),
+        "raw_records_1worker_cpu_ms_per_img": round(raw["cpu_ms_per_img"], 3),
+        # > 1: the pipeline does an image with less CPU than the plain loop (the "per core" comparison)
+        "per_core_speedup": round(baseline["cpu_ms_per_img"] / one["cpu_ms_per_img"], 3),
+        "raw_records_speedup": round(raw["img_per_s"] / baseline["img_per_s"], 3),
+        "workers": workers,
+        "worker_threads": feed["worker_threads"],
+        "worker_buffer": feed["worker_buffer"],
+        "batch_size": batch_size,
+        "images": len(paths),
+        "mean_file_kb": round(float(np.mean(sizes)) / 1024, 1),
+        "raw_record_kb": round(raw_kb, 1),
+        "data": data or "synthetic JPEGs (ImageNet-like sizes)",
+        "augment": augment,
+        "image_size": image_size,
+        "resize_size": resize_size,
+        **common.machine_info(),
+    }
+    device = f"[{result['device']}]"
+    print(f"bench pipeline, load average {result.get('load_average_1m', '?')} on {result['cpu_count']} CPUs  "
+          f"{device}")
+    print(f"pil baseline   {result['pil_baseline_img_per_s']:8.1f} img/s  "
+          f"{result['pil_baseline_cpu_ms_per_img']:.2f} CPU ms/img (1 process)")
+    print(f"pil baseline x{workers:<2d}{result['pil_baseline_parallel_img_per_s']:7.1f} img/s  "
+          f"{baseline_parallel['cpu_ms_per_img']:.2f} CPU ms/img ({workers} processes)")
+    print(f"pipeline  x1   {result['pipeline_1worker_img_per_s']:8.1f} img/s  "
+          f"{result['pipeline_1worker_cpu_ms_per_img']:.2f} CPU ms/img (1 worker)")
+    print(f"pipeline  x{workers:<3d}{result['pipeline_img_per_s']:8.1f} img/s  "
+          f"{result['pipeline_cpu_ms_per_img']:.2f} CPU ms/img ({workers} workers, {os.cpu_count()} CPUs; each "
+          f"worker: {result['worker_threads']} decode threads, {result['worker_buffer']} batches buffered)")
+    print(f"raw records x1 {result['raw_records_1worker_img_per_s']:8.1f} img/s  "
+          f"{result['raw_records_1worker_cpu_ms_per_img']:.2f} CPU ms/img (1 worker, "
+          f"{result['raw_record_kb']:.0f} KB/image against {result['mean_file_kb']:.0f} KB/JPEG)")
+    return result
