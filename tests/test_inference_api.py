@@ -204,3 +204,9 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
     exec(example, namespace)
     assert namespace["probs"].shape == (2, 10)
     assert namespace["probs"].sum(axis=1) == pytest.approx([1.0, 1.0], abs=1e-5)
+    # The comments and the prose around the example name attributes too: each must exist on what load() returns.
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("### From Python", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    named = set(re.findall(r"\bmodel\.(\w+)\b(?!=)", section))  # `model.num_classes=1000` is a config key
+    assert {"num_outputs", "class_names", "config", "step"} <= named
+    assert [name for name in sorted(named) if not hasattr(namespace["model"], name)] == []
