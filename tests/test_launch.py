@@ -326,6 +326,14 @@ def test_launch_scripts_pass_shellcheck():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_every_launch_script_is_executable():
+    """launch/README.md runs each script as `launch/NAME ...`: a script committed without its executable bit
+    fails there with "Permission denied"."""
+    scripts = [f for f in sorted(os.listdir(LAUNCH)) if open(os.path.join(LAUNCH, f), "rb").read(2) == b"#!"]
+    assert {"gpu_bench.sh", "tpu_pod.sh", "local_multiprocess.sh", "slurm_gpu.sbatch"} <= set(scripts)
+    assert [f for f in scripts if not os.access(os.path.join(LAUNCH, f), os.X_OK)] == []
+
+
 def test_local_multiprocess_dry_run_prints_one_command_per_process():
     result = _bash("local_multiprocess.sh", "3", "--config=configs/digits.py", "--workdir=/tmp/never",
                    env=_env(DRY_RUN="1", PORT="12345"))
