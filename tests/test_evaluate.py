@@ -100,6 +100,26 @@ def test_explicit_command_line_overrides_win_over_the_checkpoints_view(folder_ru
     assert "note: evaluated with data.image_size=96" in result.stdout
 
 
+def test_the_readme_evaluate_example_moves_resize_size_with_image_size(tmp_path, folder_run):
+    """`evaluate --config=configs/digits.py --workdir=runs/digits --config.data.image_size=96` as the README writes
+    it: the checkpoint's resize_size (64, ratio 1) follows to 96; another checkpoint's ratio (72/64) is its own."""
+    config = tiny_config(source="digits", variant="bn")
+    workdir = tmp_path / "runs" / "digits"
+    checkpointing.save_for_inference(str(workdir), random_model_vars(config.model, 3), config,
+                                     [str(d) for d in range(10)], step=2)
+    result = run_cli("alexnet_jax.evaluate", "--config=configs/digits.py", f"--workdir={workdir}",
+                     "--config.data.image_size=96", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = _last_json(result.stdout)
+    assert (out["image_size"], out["resize_size"], out["eval_examples"]) == (96, 96, 359)  # 20 % of 1,797
+    notes = [line for line in result.stderr.splitlines() if "follows data.image_size" in line]
+    assert len(notes) == 1 and "at the checkpoint's ratio 64/64" in notes[0], result.stderr[-3000:]
+
+    result = run_cli("alexnet_jax.evaluate", *_imagenet_config_args(folder_run), "--config.data.image_size=96")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _last_json(result.stdout)["resize_size"] == 96 * 72 // 64
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
