@@ -155,6 +155,7 @@ def test_help_lists_the_flags():
     (["--config=configs/digits.py", "--config.batch_size=abc"], "batch_size"),
     (["--config=configs/digits.py", "--no_workdir_given"], "no_workdir_given"),
     (["--config=configs/digits.py", "--distributed"], "cannot start the multi-process runtime"),  # no cluster here
+    (["--config=configs/digits.py", "stray"], "unexpected arguments: stray"),  # not the whole help, exit 1
 ])
 def test_bad_usage_exits_2_with_one_error_line(tmp_path, args, named):
     workdir = [] if "--no_workdir_given" in args else [f"--workdir={tmp_path / 'run'}"]
