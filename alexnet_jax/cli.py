@@ -125,7 +125,20 @@ def enable_compilation_cache(directory: str) -> None:
 
 
 def run(main) -> None:
-    app.run(main, flags_parser=parse_flags)
+    """absl's app.run, with library chatter (a missing TPU backend, Orbax's read-only notes) kept off the console
+    and a usage error (a stray positional argument) as one `error:` line and exit code 2, not the whole help."""
+    def main_with_usage_errors(argv):
+        from alexnet_jax import metrics
+
+        metrics.quiet_library_logs()
+        try:
+            return main(argv)
+        except app.UsageError as error:
+            print(f"error: {error}", file=sys.stderr)
+            print("Run with --help to see the flags.", file=sys.stderr)
+            return EXIT_BAD_USAGE
+
+    app.run(main_with_usage_errors, flags_parser=parse_flags)
 
 
 def define_weights_flag() -> None:

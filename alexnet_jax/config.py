@@ -133,6 +133,24 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def follow_image_size(config, overrides, before, whose: str = "config's") -> str | None:
+    """A command-line data.image_size without a command-line data.resize_size moves resize_size by `before`'s own
+    ratio (the config file as written, or the checkpoint's view): 256/224 in configs/imagenet.py, 1 in
+    configs/digits.py. `overrides` names the keys set on the command line; `before` is the config they were
+    applied to, called only when needed. Returns the one line to log, or None when nothing follows."""
+    if "data.image_size" not in overrides or "data.resize_size" in overrides:
+        return None
+    old = before() if callable(before) else before
+    image, resize = int(old.data.image_size), int(old.data.resize_size)
+    if image <= 0 or int(config.data.image_size) == image:
+        return None
+    followed = int(config.data.image_size) * resize // image
+    if config.data.resize_size != followed:
+        config.data.resize_size = followed
+    return (f"data.resize_size={followed} follows data.image_size={config.data.image_size} at the {whose} "
+            f"ratio {resize}/{image} (set data.resize_size to choose another)")
+
+
 def _profile_range(text: str) -> tuple[int, int] | None:
     try:
         start, stop = (int(part) for part in text.split(":"))

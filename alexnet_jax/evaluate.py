@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
@@ -185,6 +185,8 @@ def evaluate_checkpoint(workdir: str, data_config=None, step: int | None = None,
     checkpoint_config, class_names, model_vars, step = checkpointing.load_for_inference(workdir, step,
                                                                                        weights=weights)
     config = eval_config(data_config, checkpoint_config, overrides)
+    if note := config_lib.follow_image_size(config, overrides, checkpoint_config, "checkpoint's"):
+        logging.info("%s", note)
     config_lib.validate(config, jax.device_count(), jax.process_count(), splits=("eval",))
     try:
         eval_source = sources.create_source(config.data, "eval", config.model.num_classes, config.seed,

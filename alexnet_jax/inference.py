@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 from PIL import Image, ImageOps
 
-from alexnet_jax import checkpointing, models, train
+from alexnet_jax import checkpointing, metrics, models, train
 from alexnet_jax.data import classes, decode, pipeline
 
 
@@ -151,8 +151,9 @@ def load(workdir, step: int | None = None, *, batch_size: int = 64, weights: str
     checkpointing.CheckpointNotFound when there is none, checkpointing.CheckpointUnreadable when it cannot be read
     or (the newest by default, else `step`) is damaged; a damaged newest one is skipped for the newest that
     loads, with a warning."""
-    config, class_names, model_vars, step = checkpointing.load_for_inference(os.fspath(workdir), step,
-                                                                             weights=weights)
+    with metrics.orbax_chatter_dropped():  # reading is all this asks for: no warning that it opens read-only
+        config, class_names, model_vars, step = checkpointing.load_for_inference(os.fspath(workdir), step,
+                                                                                 weights=weights)
     _, eval_def = models.model_graphdefs(config.model)
     model = nnx.merge(eval_def, model_vars["params"], model_vars["batch_stats"])
     return Classifier(model=model, model_vars=model_vars, class_names=list(class_names), config=config,

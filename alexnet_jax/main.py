@@ -35,6 +35,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
+    config_flag = FLAGS["config"]
+    if note := config_lib.follow_image_size(config, config_flags.get_override_values(config_flag),
+                                            lambda: config_flag.parser.parse(config_flag.config_filename)):
+        logging.info("%s", note)
     if FLAGS.show_config:
         print(config)
         return 0

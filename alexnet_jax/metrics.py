@@ -170,14 +170,20 @@ def format_duration(seconds: float) -> str:
 
 class Throughput:
     """Training images per second and ETA between log steps (the first window includes compilation). Time spent
-    in `paused()` blocks (evals, checkpoint saves) is left out, so neither the rate nor the ETA jumps after one."""
+    in `paused()` blocks (evals, checkpoint saves) is left out, so neither the rate nor the ETA jumps after one.
+
+    A window is timed to the moment its last step was first seen finished on the device: `poll` looks, without
+    waiting, after every dispatched step, and `update` at the latest once the row has been fetched. Timing the
+    fetch alone goes wrong where rows are fetched one log step late and then caught up (before an eval or a save,
+    and at the end): when the host keeps pace with the device (multi-process runs), the caught-up window was
+    finished long before its fetch, which came at once after the previous row's, and got a rate of ~1e5 img/s."""
 
     def __init__(self, global_batch_size: int, start_step: int, total_steps: int):
         self._batch = global_batch_size
         self._total = total_steps
-        self._last_step = start_step
-        self._last_time = time.perf_counter()
+        self._last = (start_step, time.perf_counter(), 0.0)  # (step, time, paused seconds so far) of the last row
         self._paused = 0.0
+        self._finished: dict[int, tuple[float, float]] = {}  # window's last step -> (time, paused) first seen done
 
     @contextlib.contextmanager
     def paused(self):
@@ -190,10 +196,22 @@ class Throughput:
             timer.seconds = time.perf_counter() - start
             self._paused += timer.seconds
 
+    def poll(self, windows) -> None:
+        """`windows`: (last step, its steps' metrics, on the device) of the finished windows not yet reported.
+        Notes the time of each whose last step the device has finished; never waits."""
+        for step, window in windows:
+            if step in self._finished:
+                continue
+            if not all(value.is_ready() for value in window[-1].values() if hasattr(value, "is_ready")):
+                break  # steps finish in order: the later windows are not done either
+            self._finished[step] = (time.perf_counter(), self._paused)
+
     def update(self, step: int) -> tuple[float, float]:
-        now = time.perf_counter()
-        steps, seconds = step - self._last_step, max(now - self._last_time - self._paused, 1e-9)
-        self._last_step, self._last_time, self._paused = step, now, 0.0
+        """(images per second, ETA seconds) for the window ending at `step`, whose metrics have been fetched."""
+        now, paused = self._finished.pop(step, None) or (time.perf_counter(), self._paused)
+        last_step, last_time, last_paused = self._last
+        steps, seconds = step - last_step, max(now - last_time - (paused - last_paused), 1e-9)
+        self._last = (step, now, paused)
         steps_per_s = steps / seconds
         eta = (self._total - step) / steps_per_s if steps_per_s else float("inf")
         return self._batch * steps_per_s, eta
@@ -220,6 +238,27 @@ def log_eval(step: int, row: dict, seconds: float | None = None) -> None:
                  row["eval_top1"], row["eval_top5"], ema, row["eval_examples"], took)
 
 
+def _orbax_chatter(record) -> bool:
+    # Orbax warns on every read-only open (what predict, evaluate and inference.load ask for), and on every save
+    # without eval metrics (most of them).
+    return "/orbax/" in record.pathname and any(
+        quiet in record.getMessage() for quiet in ("Given directory is read only", "did not provide metrics"))
+
+
+@contextlib.contextmanager
+def orbax_chatter_dropped():
+    """Drops Orbax's read-only warnings inside the block wherever absl's records go (a plain Python program has
+    no absl handler to filter: the record reaches Python's own logging)."""
+    quiet = std_logging.Filter()
+    quiet.filter = lambda record: not _orbax_chatter(record)
+    logger = std_logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def quiet_library_logs() -> None:
     """Orbax logs several INFO lines per save (and JAX one per missing backend) through absl: keep their
     warnings, drop the chatter, so our own progress lines stay readable. Orbax also warns on every read-only
@@ -231,9 +270,7 @@ def quiet_library_logs() -> None:
     def keep(record) -> bool:
         if "/orbax/" in record.pathname and record.levelno >= std_logging.ERROR and record.exc_info:
             return False
-        # Orbax warns on every read-only open, and on every save without eval metrics (most of them).
-        if "/orbax/" in record.pathname and any(
-                quiet in record.getMessage() for quiet in ("Given directory is read only", "did not provide metrics")):
+        if _orbax_chatter(record):
             return False
         return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
 

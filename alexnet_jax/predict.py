@@ -1,7 +1,7 @@
 """Classify images with a trained checkpoint: python -m alexnet_jax.predict --workdir=DIR [--checkpoint=STEP]
-[--json] IMAGE...
+[--json] IMAGE_OR_FOLDER...
 
-Prints the top-5 classes with probabilities for each image. An image that cannot be read gets one error line
+Prints the top-5 classes with probabilities for each image; a folder stands for every image file under it. An image that cannot be read gets one error line
 naming it; the others are still classified, and the exit code is 1 if any failed. This is alexnet_jax.inference
 (load + predict) as a command: the same view and the same function as evaluation.
 
@@ -16,8 +16,10 @@ import sys
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 
-from alexnet_jax import checkpointing, cli, inference, metrics
+from alexnet_jax import checkpointing, cli, inference, metrics, storage
+from alexnet_jax.data import imagefolder
 
 FLAGS = flags.FLAGS
 
@@ -31,6 +33,22 @@ def define_flags() -> None:
     flags.DEFINE_integer("top_k", 5, "How many classes to show per image.")
     cli.define_weights_flag()
     flags.mark_flags_as_required(["workdir"])
+
+
+def _expand_folders(paths: list[str], errors: list[dict]) -> list[str]:
+    """Each folder among `paths` stands for the image files under it (sorted, sub-folders included, hidden and
+    non-image files left out); a folder without any is an error of its own."""
+    expanded = []
+    for path in paths:
+        if not epath.Path(path).is_dir():
+            expanded.append(path)
+            continue
+        found = [storage.join(path, name) for name in imagefolder.list_image_files(path)]
+        if not found:
+            errors.append({"file": path, "error": "no image files in this folder"})
+            print(f"error: cannot read image {path}: no image files in this folder", file=sys.stderr)
+        expanded += found
+    return expanded
 
 
 def main(argv):
@@ -47,7 +65,7 @@ def main(argv):
         print(f"note: the model has {model.num_outputs} outputs but the checkpoint names {len(model.class_names)} "
               f"classes; outputs {len(model.class_names)} and up show as \"class <label>\"", file=sys.stderr)
     views, ok_paths, errors = [], [], []
-    for path in paths:
+    for path in _expand_folders(paths, errors):
         try:
             views.append(model.preprocess(path))
             ok_paths.append(path)

@@ -489,6 +489,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             pending.append(step_metrics)
             if log_now:
                 ready, pending, last_log = [*ready, (step, pending)], [], step
+            throughput.poll(ready)  # a window is timed when its steps are done, not when its row is fetched
             # A stop request is honoured before an eval, so a preemption notice never waits for one.
             stop_reason = preemption.reason(step, log_now)
             evaluated = not stop_reason and (step % eval_every == 0 or last)

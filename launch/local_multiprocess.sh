@@ -6,8 +6,9 @@
 #   launch/local_multiprocess.sh N --config=CONFIG --workdir=DIR [--config.key=value ...]
 #   launch/local_multiprocess.sh 2 --config=configs/digits.py --workdir=runs/digits_2p
 # Process i gets `--coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i` added to the
-# arguments. The script waits for all of them and exits with the first non-zero status (0 if all succeeded). If
-# one process fails, the others, which would wait for it forever, get GRACE seconds and are then killed.
+# arguments. The script waits for all of them and exits with the first failing status, else 143 (or 130) if they
+# stopped cleanly with a checkpoint, else 0. If one process fails, the others, which would wait for it forever,
+# get GRACE seconds and are then killed; a clean stop (143, 130) is no failure and starts no such countdown.
 # Ctrl-C or SIGTERM to the script is passed on as SIGTERM: the processes checkpoint and exit 143 together, and
 # rerunning the same command resumes.
 #
@@ -101,6 +102,7 @@ for i in "${!pids[@]}"; do
 done
 running=("${pids[@]}")
 status=0
+stopped=0
 deadline=""
 while [[ ${#running[@]} -gt 0 ]]; do
   waited=("${running[@]}")
@@ -128,9 +130,13 @@ while [[ ${#running[@]} -gt 0 ]]; do
         running+=("$pid")
       fi
     done
-    if [[ $rc != 0 && $status == 0 ]]; then
+    if [[ $rc == 143 || $rc == 130 ]]; then
+      # A clean stop (checkpointed on SIGTERM or Ctrl-C): the others are stopping the same way, however long
+      # their checkpoint takes.
+      stopped=$rc
+    elif [[ $rc != 0 && $status == 0 ]]; then
       status=$rc
-      if [[ ${#running[@]} -gt 0 ]]; then
+      if [[ ${#running[@]} -gt 0 && -z $deadline ]]; then
         echo "== the other processes get $GRACE s to finish"
         deadline=$((SECONDS + GRACE))
       fi
@@ -152,4 +158,7 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
     tail -n 15 "$LOG_DIR/process_$i.log" | sed 's/^/   /'
   fi
 done
+if [[ $status == 0 ]]; then
+  status=$stopped
+fi
 exit "$status"

@@ -2,11 +2,13 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from alexnet_jax import checkpointing
 from conftest import run_cli
 
 TINY = ["--config.model.width=0.0625", "--config.batch_size=16", "--config.num_train_steps=3",
@@ -153,6 +155,7 @@ def test_help_lists_the_flags():
     (["--config=configs/digits.py", "--config.batch_size=abc"], "batch_size"),
     (["--config=configs/digits.py", "--no_workdir_given"], "no_workdir_given"),
     (["--config=configs/digits.py", "--distributed"], "cannot start the multi-process runtime"),  # no cluster here
+    (["--config=configs/digits.py", "stray"], "unexpected arguments: stray"),  # not the whole help, exit 1
 ])
 def test_bad_usage_exits_2_with_one_error_line(tmp_path, args, named):
     workdir = [] if "--no_workdir_given" in args else [f"--workdir={tmp_path / 'run'}"]
@@ -216,6 +219,29 @@ def test_resize_size_follows_image_size_unless_set():
     config.data.source = "synthetic"  # so the first problem reported is the crop, not the missing ImageNet
     with pytest.raises(config_lib.ConfigError, match="data.image_size=64 crops under half of data.resize_size"):
         config_lib.validate(config, 1)
+
+
+def test_a_command_line_image_size_moves_resize_size_by_the_files_own_ratio(tmp_path):
+    """configs/digits.py sets resize_size to a plain 64 (ratio 1): --config.data.image_size=96 alone trains at
+    96/96, saying so in one line; configs/imagenet.py keeps 256/224; a command-line resize_size is kept."""
+    workdir = tmp_path / "run"
+    result = run_cli("alexnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
+                     "--config.data.image_size=96", "--config.model.width=0.0625", "--config.batch_size=16",
+                     "--config.num_train_steps=2", "--config.precise_bn_examples=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stderr.splitlines() if "follows data.image_size" in line]
+    assert len(notes) == 1 and "data.resize_size=96 follows data.image_size=96" in notes[0], result.stderr[-3000:]
+    config, _, _, _ = checkpointing.load_for_inference(str(workdir))
+    assert (config.data.image_size, config.data.resize_size) == (96, 96)
+
+    def shown(*args):
+        result = run_cli("alexnet_jax.main", *args, "--show_config")
+        assert result.returncode == 0, result.stderr[-2000:]
+        return int(re.search(r"resize_size: (\d+)", result.stdout).group(1))
+
+    assert shown("--config=configs/imagenet.py", "--config.data.image_size=112") == 128
+    assert shown("--config=configs/digits.py", "--config.data.image_size=96", "--config.data.resize_size=120") == 120
+    assert shown("--config=configs/digits.py", "--config.data.resize_size=80") == 80
 
 
 def test_profile_steps_writes_a_trace_into_the_workdir(tmp_path):

@@ -49,6 +49,15 @@ def test_dry_run_without_wheels_installs_with_pip(tmp_path):
     assert result.stderr.splitlines()[0].endswith("-m pip install -q -e .")
 
 
+def test_dry_run_as_launch_readme_writes_it(tmp_path):
+    """`DRY_RUN=1 launch/gpu_bench.sh`, run as a program (not through bash): the file must be executable."""
+    result = subprocess.run(["launch/gpu_bench.sh"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "t.md"),
+                                 "LOG_DIR": str(tmp_path / "logs")})
+    assert result.returncode == 0, result.stderr
+    assert "alexnet_jax.bench loop" in result.stderr
+
+
 def test_wheels_folder_without_wheels_exits_2(tmp_path):
     result = dry_run(tmp_path, WHEELS=str(tmp_path))
     assert result.returncode == 2 and result.stderr.startswith("error: WHEELS=")

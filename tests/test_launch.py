@@ -326,6 +326,14 @@ def test_launch_scripts_pass_shellcheck():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_every_launch_script_is_executable():
+    """launch/README.md runs each script as `launch/NAME ...`: a script committed without its executable bit
+    fails there with "Permission denied"."""
+    scripts = [f for f in sorted(os.listdir(LAUNCH)) if open(os.path.join(LAUNCH, f), "rb").read(2) == b"#!"]
+    assert {"gpu_bench.sh", "tpu_pod.sh", "local_multiprocess.sh", "slurm_gpu.sbatch"} <= set(scripts)
+    assert [f for f in scripts if not os.access(os.path.join(LAUNCH, f), os.X_OK)] == []
+
+
 def test_local_multiprocess_dry_run_prints_one_command_per_process():
     result = _bash("local_multiprocess.sh", "3", "--config=configs/digits.py", "--workdir=/tmp/never",
                    env=_env(DRY_RUN="1", PORT="12345"))
@@ -350,3 +358,23 @@ def test_local_multiprocess_trains_with_two_processes(tmp_path):
         assert f"process {i} of 2" in (logs / f"process_{i}.log").read_text()
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("first, second, status, killed", [
+    (143, 143, 143, False),  # a SIGTERM stop: process 1 takes longer to checkpoint than GRACE, and may
+    (1, 0, 1, True),         # a real failure: process 1 would wait for process 0 forever
+])
+def test_local_multiprocess_waits_for_a_clean_stop_and_kills_after_a_failure(tmp_path, first, second, status,
+                                                                            killed):
+    """Process 0 exits at once with `first`; process 1 takes 4 s (GRACE is 1 s), then exits with `second`."""
+    _script(tmp_path / "python", "#!/bin/bash\nfor a; do [[ $a == --process_id=* ]] && id=${a#*=}; done\n"
+                                 f"if [[ $id == 0 ]]; then exit {first}; fi\nsleep 4\nexit {second}\n")
+    result = _bash("local_multiprocess.sh", "2", "--config=configs/digits.py", f"--workdir={tmp_path / 'run'}",
+                   env=_env(PYTHON=str(tmp_path / "python"), PORT="12345", GRACE="1", LOG_DIR=str(tmp_path)),
+                   timeout=60)
+    assert result.returncode == status, result.stdout + result.stderr
+    assert f"process 0 exited with status {first}" in result.stdout
+    assert ("killing process 1" in result.stdout) == killed, result.stdout
+    assert ("get 1 s to finish" in result.stdout) == killed, result.stdout
+    if not killed:
+        assert f"process 1 exited with status {second}" in result.stdout

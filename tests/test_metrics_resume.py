@@ -111,3 +111,35 @@ def test_resume_skips_bad_metrics_lines_and_keeps_the_rest(tmp_path, caplog):
     assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl", encoding="utf-8")] == good
     warnings = [r.getMessage() for r in caplog.records if "metrics.jsonl" in r.getMessage()]
     assert len(warnings) == 1 and "skipped 6 unreadable line(s)" in warnings[0], warnings
+
+
+def _loop_rates(step_seconds: float, steps=20, log_every=5, caught_up=(10, 20), poll=True) -> dict:
+    """img_per_s of each row of a loop shaped like train.py's: rows fetched one log step late, all of them before
+    an eval; every step's metrics are a finished jax array at once, as when the host keeps pace with the device
+    (multi-process runs). Each step takes `step_seconds`; a batch is 10 images."""
+    import jax.numpy as jnp
+
+    throughput, ready, rates = metrics.Throughput(10, 0, steps), [], {}
+    for step in range(1, steps + 1):
+        time.sleep(step_seconds)
+        window = [{"train_loss": jnp.float32(step) * 2}]
+        if step % log_every == 0:
+            ready.append((step, window))
+        if poll:
+            throughput.poll(ready)
+        due, ready = (ready, []) if step in caught_up else (ready[:-1], ready[-1:])
+        for window_step, _ in due:
+            rates[window_step] = throughput.update(window_step)[0]
+        if step in caught_up:
+            with throughput.paused():
+                time.sleep(5 * step_seconds)  # the eval: left out of the rate
+    return rates
+
+
+def test_rows_caught_up_before_an_eval_get_the_rate_of_their_own_steps():
+    """The row before an eval (and the last) once reported 30,000 img/s in 2-process runs making 100-200: it was
+    fetched right after the row before it, and timed at its fetch."""
+    rates = _loop_rates(0.02)
+    assert sorted(rates) == [5, 10, 15, 20]
+    # 10 images per 0.02 s: 500 img/s; a loaded machine only makes the steps slower.
+    assert all(50 < rate < 600 for rate in rates.values()), rates

@@ -120,14 +120,22 @@ def _imagefolder_source(data_config, split: str, class_names=None):
     from alexnet_jax.data import imagefolder
 
     path = _split_path(data_config, split)
-    if split == "train":
-        return imagefolder.ImageFolderSource(path)
-    # Eval labels must be the train split's: its folder list (cheap) when there is one, else ImageNet's 1000.
-    if class_names is None:
-        class_names = imagefolder.training_class_names(data_config.train_path)
-    return imagefolder.create(path, class_names=class_names,
-                              ground_truth=data_config.get("val_labels", ""),
-                              labels_file=data_config.get("labels_file", ""))
+    try:
+        if split == "train":
+            return imagefolder.ImageFolderSource(path)
+        # Eval labels must be the train split's: its folder list (cheap) when there is one, else ImageNet's 1000.
+        if class_names is None:
+            class_names = imagefolder.training_class_names(data_config.train_path)
+        return imagefolder.create(path, class_names=class_names,
+                                  ground_truth=data_config.get("val_labels", ""),
+                                  labels_file=data_config.get("labels_file", ""))
+    except ValueError:
+        # The converter's output read as a folder of images has no class folders: say what it is instead.
+        key = "train_path" if split == "train" else "eval_path"
+        if storage.problem(storage.join(path, "manifest.json"), "file") is None:
+            raise ValueError(f"data.{key}: {path} holds records written by alexnet_jax.data.convert "
+                             "(manifest.json), not image folders: set data.source=arrayrecord") from None
+        raise
 
 
 def _arrayrecord_source(data_config, split: str, class_names=None):
