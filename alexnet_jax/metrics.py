@@ -220,14 +220,41 @@ class Throughput:
 def log_train(step: int, total: int, row: dict, eta: float) -> None:
     extra = "".join(f"  {label} {row[key]:{spec}}" for key, label, spec in _OPTIONAL_FIELDS if row.get(key))
     logging.info("step %d/%d  loss %.4f  top1 %.3f  lr %.3g  grad_norm %.3g (max %.3g)  upd/param %.2g  "
-                 "%.0f img/s  ETA %s%s", step, total, row["train_loss"], row["train_top1"], row["learning_rate"],
-                 row["grad_norm"], row.get("max_grad_norm", row["grad_norm"]), row.get("update_ratio", 0.0),
-                 row["img_per_s"], format_duration(eta), extra)
+                 "%.0f img/s  input wait %.0f%%  ETA %s%s", step, total, row["train_loss"], row["train_top1"],
+                 row["learning_rate"], row["grad_norm"], row.get("max_grad_norm", row["grad_norm"]),
+                 row.get("update_ratio", 0.0), row["img_per_s"], 100 * row.get("input_wait_fraction", 0.0),
+                 format_duration(eta), extra)
 
 
 # Shown on the console line only when non-zero.
-_OPTIONAL_FIELDS = (("clip_fraction", "clipped", ".0%"), ("skipped_steps", "skipped", "d"),
+_OPTIONAL_FIELDS = (("mfu", "MFU", ".1%"), ("clip_fraction", "clipped", ".0%"), ("skipped_steps", "skipped", "d"),
                     ("rollbacks", "rollbacks", "d"))
+
+
+class InputBoundWarning:
+    """Says once, naming the fixes, when the input pipeline bounds training: the loop waited for its next batch
+    for more than THRESHOLD of ROWS rows in a row. The first row is not judged (workers start, the step
+    compiles)."""
+
+    THRESHOLD, ROWS = 0.2, 3
+
+    def __init__(self, data_config):
+        self._data = data_config
+        self._rows, self._over, self._said = 0, 0, False
+
+    def check(self, wait_fraction: float) -> None:
+        self._rows += 1
+        if self._said or self._rows == 1:
+            return
+        self._over = self._over + 1 if wait_fraction > self.THRESHOLD else 0
+        if self._over >= self.ROWS:
+            self._said = True
+            d = self._data
+            logging.warning("Input-bound: the last %d rows waited %.0f%% of their time for the next batch. Feed it "
+                            "faster with more decode processes (data.workers, now %d) or threads "
+                            "(data.worker_threads, now %d), or from raw-pixel records (python -m "
+                            "alexnet_jax.data.convert --format=raw; see the README's 'Which record format')",
+                            self.ROWS, 100 * wait_fraction, d.workers, d.get("worker_threads", 0))
 
 
 def log_eval(step: int, row: dict, seconds: float | None = None) -> None:

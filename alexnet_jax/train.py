@@ -9,6 +9,8 @@ back to a good checkpoint (see stability.py).
 
 import functools
 import os
+import time
+import types
 
 import flax.struct
 import jax
@@ -18,7 +20,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from alexnet_jax import checkpointing, metrics, models, optim, precise_bn, sharding, stability
+from alexnet_jax import checkpointing, metrics, models, optim, precise_bn, sharding, stability, utilization
 from alexnet_jax import config as config_lib
 from alexnet_jax.data import pipeline, sources, transforms
 from alexnet_jax.optim import create_optimizer  # clip threshold and learning-rate factor live in its state
@@ -464,6 +466,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         window = jax.device_get(window)
         row = metrics.summarize_window(window, layer_names)
         row["img_per_s"], eta = throughput.update(window_step)
+        row["input_wait_fraction"] = input_wait.pop(window_step, 0.0)
+        if flops.per_step and flops.peak:
+            row["mfu"] = flops.per_step * row["img_per_s"] / config.batch_size / (flops.peak * 1e12)
+        input_bound.check(row["input_wait_fraction"])
         skipped_total += sum(bool(m["skipped"]) for m in window)
         row["skipped_steps"] = skipped_total
         row["rollbacks"] = recovery.rollbacks
@@ -471,11 +477,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics.log_train(window_step, total_steps, row, eta)
         return recovery.check(window_step, window)
 
+    # The share of each finished log window's time (evals and saves left out) that the loop spent blocked on its
+    # next batch with no step left for the device (window's last step -> share), the FLOPs of one step on one device (from the compiled step) and
+    # the device's peak: the rows' input_wait_fraction and mfu. The step is compiled ahead of its first call so
+    # that its cost analysis is at hand.
+    input_wait, waited, set_aside, window_clock, compiled_step = {}, 0.0, 0.0, time.perf_counter(), None
+    flops = types.SimpleNamespace(per_step=None, peak=utilization.peak_tflops(jax.devices()[0].device_kind))
+    input_bound = metrics.InputBoundWarning(config.data)
+    step_metrics = None
     try:
         while step < total_steps:
             if profile and step == profile[0]:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            state, step_metrics = step_fn(state, next(batches))
+            asked = time.perf_counter()
+            batch = next(batches)
+            # Waiting costs only once the device has run out of work: while it still runs a step dispatched
+            # earlier (asynchronous dispatch), the host fetching the next batch is the overlap we want. So a wait
+            # counts when the last step is done by the time the batch arrives (all of it: when in the wait the
+            # device went idle is unknown).
+            if step_metrics is None or step_metrics["train_loss"].is_ready():
+                waited += time.perf_counter() - asked
+            if compiled_step is None:
+                compiled_step = step_fn.lower(state, batch).compile()
+                flops.per_step = utilization.step_flops(compiled_step)
+            state, step_metrics = compiled_step(state, batch)
             step += 1
             if profile and step == profile[1]:
                 jax.block_until_ready(state)  # the trace must hold the device work, not just its dispatch
@@ -489,6 +514,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             pending.append(step_metrics)
             if log_now:
                 ready, pending, last_log = [*ready, (step, pending)], [], step
+                now = time.perf_counter()
+                input_wait[step] = min(1.0, waited / max(now - window_clock - set_aside, 1e-9))
+                waited, set_aside, window_clock = 0.0, 0.0, now
             throughput.poll(ready)  # a window is timed when its steps are done, not when its row is fetched
             # A stop request is honoured before an eval, so a preemption notice never waits for one.
             stop_reason = preemption.reason(step, log_now)
@@ -508,7 +536,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write(step, {"rollbacks": recovery.rollbacks, "rollback_reason": verdict,
                                     "rolled_back_to": restored_step})
                 step = last_log = restored_step  # rows of the replayed steps are written again
-                pending, ready = [], []
+                pending, ready, input_wait, waited, set_aside = [], [], {}, 0.0, 0.0
+                window_clock = time.perf_counter()
                 batches.close()
                 batches = batches_from(step)
                 throughput = metrics.Throughput(config.batch_size, step, total_steps)
@@ -517,6 +546,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 # Stopping right after a rollback: the restored checkpoint (its controls re-saved) is where a
                 # rerun resumes, unless training went on from the spike, which no checkpoint holds yet.
                 evaluated, saving = False, step not in manager.all_steps()
+            aside_from = time.perf_counter()  # evals and saves are no part of a window's training time
             bn_stats = ema_bn_stats = None
             if precise and (evaluated or saving):
                 with throughput.paused():  # what is evaluated and saved must hold statistics of these weights
@@ -538,6 +568,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         save_checkpoint(manager, state, config, class_names, last_eval if evaluated else None,
                                         bn_stats, ema_bn_stats)
                     writer.flush()  # the rows up to a checkpoint must outlive a kill (on GCS they are uploaded whole)
+            set_aside += time.perf_counter() - aside_from
             if stop_reason:
                 checkpointing.wait(manager)
                 raise Preempted(f"stopped at step {step} on {stop_reason}: checkpoint saved in "

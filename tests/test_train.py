@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -210,3 +211,32 @@ def test_training_sees_the_same_batches_whatever_the_device_prefetch(tmp_path):
         train.train_and_evaluate(tiny_config(**{"data.device_prefetch": prefetch}), workdir)
         rows[prefetch] = [r["train_loss"] for _, r in sorted(read_rows(workdir, "train_loss").items())]
     assert len(rows[0]) == 4 and rows[0] == rows[3]
+
+
+class _SlowSource(sources.SyntheticSource):
+    """Synthetic pixels read at a disk's pace: every example waits `delay` seconds (sleep: wall time, so the
+    input stays the bottleneck however fast or loaded the machine)."""
+
+    delay = 0.02
+
+    def __getitem__(self, index):
+        time.sleep(self.delay)
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_rows_report_the_share_of_time_spent_waiting_for_input(tmp_path, monkeypatch, caplog, slow):
+    config = tiny_config(**{"num_train_steps": 12, "log_every_steps": 3, "data.device_prefetch": 0,
+                            "model.width": 1.0 if not slow else 0.0625})
+    kind = _SlowSource if slow else sources.SyntheticSource
+    monkeypatch.setattr(train, "_open_sources", lambda c: (kind(64, 64, 10, 0), sources.SyntheticSource(16, 64, 10)))
+    with caplog.at_level("WARNING"):
+        train.train_and_evaluate(config, str(tmp_path))
+    waits = [row["input_wait_fraction"] for _, row in sorted(read_rows(str(tmp_path), "train_loss").items())]
+    assert len(waits) == 4 and all(0 <= w <= 1 for w in waits)
+    later = waits[1:]  # the first row also holds the workers' start and the compilation
+    warned = "Input-bound" in caplog.text
+    if slow:  # 16 sleeps of 20 ms per batch against a step of milliseconds
+        assert min(later) > 0.8 and warned, waits
+    else:  # cached pixels, read ahead by grain's threads while the device still runs the steps before
+        assert max(later) < 0.5 and not warned, waits
