@@ -120,9 +120,16 @@ def describe(config, class_names, step: int, exported: jax.export.Exported, work
     }
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # sys.modules[module] is None: an import of it is blocked
+        return False
+
+
 def _missing_requirement(fmt: str) -> str | None:
     modules, install = REQUIREMENTS[fmt]
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if not _importable(m)]
     return f"--format={fmt} needs {', '.join(missing)}: {install}" if missing else None
 
 
@@ -229,10 +236,6 @@ def main(argv):
     if fmt != "stablehlo" and FLAGS["platforms"].present:
         print(f"error: --platforms applies to --format=stablehlo only, not {fmt}", file=sys.stderr)
         return EXIT_BAD_USAGE
-    missing = _missing_requirement(fmt)
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
-        return EXIT_BAD_USAGE
     unknown = [p for p in FLAGS.platforms if p not in PLATFORMS]
     if unknown or not FLAGS.platforms:
         print(f"error: --platforms must name some of {', '.join(PLATFORMS)} (got {','.join(FLAGS.platforms)})",
@@ -246,6 +249,11 @@ def main(argv):
     if fmt == "torchvision" and (why := interop.torchvision_incompatibility(config.model)):
         print(f"error: --format=torchvision cannot hold checkpoint {step} of {FLAGS.workdir}: {why}",
               file=sys.stderr)
+        return EXIT_BAD_USAGE
+    # After the model check: installing a converter would not help a model the format cannot represent.
+    missing = _missing_requirement(fmt)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
         return EXIT_BAD_USAGE
 
     batch = "any" if FLAGS.batch is None else FLAGS.batch

@@ -106,10 +106,10 @@ def torchvision_incompatibility(model_config) -> str | None:
     if variant != "owt":
         return (f"model.variant={variant!r}: torchvision's AlexNet is the 'owt' layout "
                 f"({'grouped convolutions and LRN' if variant == 'original' else 'it has no BatchNorm'})")
-    if float(model_config.get("width", 1.0)) != 1.0:
-        return f"model.width={model_config.width}: torchvision's AlexNet has width 1 (64 conv1 filters)"
     if model_config.get("activation", "relu") != "relu":
         return f"model.activation={model_config.activation!r}: torchvision's AlexNet uses ReLU"
+    if float(model_config.get("width", 1.0)) != 1.0:
+        return f"model.width={model_config.width}: torchvision's AlexNet has width 1 (64 conv1 filters)"
     return None
 
 
