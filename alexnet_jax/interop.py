@@ -117,8 +117,9 @@ def to_torchvision_state_dict(params: Mapping) -> dict[str, np.ndarray]:
     """Our ``owt`` params (the pure dict: {layer: {"kernel", "bias"}}) -> a torchvision-layout state dict of
     float32 numpy arrays, in torchvision's key order."""
     conv5_channels = np.shape(params["conv5"]["kernel"])[-1]
-    return {key: np.ascontiguousarray(_convert_back(layer, name, np.asarray(jax.device_get(params[layer][name]),
-                                                                             np.float32), conv5_channels))
+    # Fresh writable C-order arrays: torch.from_numpy shares memory with them and warns on read-only ones.
+    return {key: np.array(_convert_back(layer, name, np.asarray(jax.device_get(params[layer][name]), np.float32),
+                                        conv5_channels), dtype=np.float32, order="C")
             for key, (layer, name) in torchvision_key_map().items()}
 
 
