@@ -1,4 +1,4 @@
-"""PyTorch interop: torchvision-layout AlexNet weights into the ``owt`` model.
+"""PyTorch interop: torchvision-layout AlexNet weights into the ``owt`` model, and back out of it.
 
 torchvision's ``alexnet`` is the single-tower "one weird trick" layout, which is exactly our ``owt`` variant, so
 the mapping is one-to-one; only the array layouts differ:
@@ -13,7 +13,11 @@ fc6 is the one subtle layer: PyTorch flattens the 6x6 pooled map channel-major (
 it channel-minor (H-W-C), so fc6's input rows are permuted once here rather than transposing activations at every
 step. Everything else (padding, pool floors, adaptive-pool bins) already matches torchvision in models.py.
 
-Nothing here imports torch: values may be torch tensors or anything ``np.asarray`` accepts.
+Both directions go through the one key table below (torchvision_key_map) and inverse array layouts, so
+``to_torchvision_state_dict(load_torchvision_state_dict(sd))`` gives ``sd`` back bit for bit.
+
+Nothing here imports torch: values may be torch tensors or anything ``np.asarray`` accepts, and the state dict
+going out holds numpy arrays (``torch.from_numpy`` each to save it).
 """
 
 from __future__ import annotations
@@ -76,6 +80,47 @@ def _convert(layer: str, name: str, value: np.ndarray, conv5_channels: int) -> n
         return (value.reshape(out_features, conv5_channels, side, side)
                 .transpose(2, 3, 1, 0).reshape(in_features, out_features))
     return value.T
+
+
+def _convert_back(layer: str, name: str, value: np.ndarray, conv5_channels: int) -> np.ndarray:
+    """Ours -> torchvision's array: the inverse of _convert."""
+    if name == "bias":
+        return value
+    if layer.startswith("conv"):
+        return value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    if layer == "fc6":
+        in_features, out_features = value.shape
+        side = int(round((in_features // conv5_channels) ** 0.5))
+        return (value.reshape(side, side, conv5_channels, out_features)
+                .transpose(3, 2, 0, 1).reshape(out_features, in_features))
+    return value.T
+
+
+def torchvision_incompatibility(model_config) -> str | None:
+    """Why torchvision's ``alexnet`` cannot hold a model of this config, or None when it can.
+
+    torchvision's module is fixed: the owt layout at width 1 (64 conv1 filters, 4096 hidden units) with ReLU;
+    only the number of classes is free. space_to_depth is only another way to compute conv1 with the same
+    kernel, so it does not matter here."""
+    variant = model_config.get("variant")
+    if variant != "owt":
+        return (f"model.variant={variant!r}: torchvision's AlexNet is the 'owt' layout "
+                f"({'grouped convolutions and LRN' if variant == 'original' else 'it has no BatchNorm'})")
+    if model_config.get("activation", "relu") != "relu":
+        return f"model.activation={model_config.activation!r}: torchvision's AlexNet uses ReLU"
+    if float(model_config.get("width", 1.0)) != 1.0:
+        return f"model.width={model_config.width}: torchvision's AlexNet has width 1 (64 conv1 filters)"
+    return None
+
+
+def to_torchvision_state_dict(params: Mapping) -> dict[str, np.ndarray]:
+    """Our ``owt`` params (the pure dict: {layer: {"kernel", "bias"}}) -> a torchvision-layout state dict of
+    float32 numpy arrays, in torchvision's key order."""
+    conv5_channels = np.shape(params["conv5"]["kernel"])[-1]
+    # Fresh writable C-order arrays: torch.from_numpy shares memory with them and warns on read-only ones.
+    return {key: np.array(_convert_back(layer, name, np.asarray(jax.device_get(params[layer][name]), np.float32),
+                                        conv5_channels), dtype=np.float32, order="C")
+            for key, (layer, name) in torchvision_key_map().items()}
 
 
 def unwrap_state_dict(state_dict: Mapping) -> Mapping:

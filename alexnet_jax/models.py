@@ -365,6 +365,11 @@ class AlexNet(nnx.Module):
         # No rngs here: the mask key comes from the call, see the class docstring.
         self.dropout = nnx.Dropout(dropout_rate)
 
+    def _dropout(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        # In eval mode dropout is the identity, so it is not called at all: jax2onnx (the ONNX export) replaces
+        # nnx.Dropout.__call__ by a version that takes no `rngs`.
+        return x if self.dropout.deterministic else self.dropout(x, rngs=rngs)
+
     def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         bn = self.variant == "bn"
         lrn = self.variant == "original"
@@ -407,12 +412,12 @@ class AlexNet(nnx.Module):
 
         x = pin(x, 0)
 
-        x = self.dropout(x, rngs=rngs)
+        x = self._dropout(x, rngs)
         x = pin(self.fc6(x), 1)
         x = self.bn6(x) if bn else x
         x = act(x)
 
-        x = self.dropout(x, rngs=rngs)
+        x = self._dropout(x, rngs)
         x = pin(self.fc7(x), 1)
         x = self.bn7(x) if bn else x
         x = act(x)

@@ -26,6 +26,22 @@ MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
+def eval_preprocessing(image_size: int, resize_size: int, *, normalization_inside: bool) -> dict:
+    """How a consumer of an exported model prepares an image, as numbers: the one description every export
+    format carries (StableHLO's and torchvision's FILE.json, ONNX's metadata), so they cannot drift apart.
+
+    The eval view (predict's and evaluate's): upright RGB, short side to resize_size (bilinear), the central
+    image_size square; then (pixel - mean) / std per channel in 0..255 units, inside the exported function for
+    StableHLO and ONNX (which take raw uint8 pixels), by the consumer for a bare state dict."""
+    note = ("applied inside: pass raw uint8 pixels" if normalization_inside else
+            "applied by the caller (torchvision's Normalize(mean / 255, std / 255) on 0..1 tensors)")
+    return {"preprocessing": {"resize_short_side": int(resize_size), "resample": "bilinear", "crop": "center",
+                              "crop_size": int(image_size)},
+            "normalization": {"applied_inside": bool(normalization_inside), "mean_rgb": list(MEAN_RGB),
+                              "std_rgb": list(STDDEV_RGB),
+                              "note": f"(pixel - mean) / std per channel, in 0..255 units; {note}"}}
+
+
 Box = tuple[float, float, float, float]  # (left, top, right, bottom), pixels of the full-resolution picture
 
 
