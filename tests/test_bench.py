@@ -128,7 +128,8 @@ def test_layers_times_every_convolution_and_pool_beside_pytorch():
 
 
 PIPELINE_KEYS = ("pipeline_img_per_s", "pipeline_1worker_img_per_s", "pil_baseline_img_per_s",
-                 "pil_baseline_parallel_img_per_s", "raw_records_1worker_img_per_s")
+                 "pil_baseline_parallel_img_per_s", "raw_records_1worker_img_per_s", "raw_records_img_per_s",
+                 "memcpy_gb_per_s", "raw_records_1worker_memcpy_fraction", "raw_records_memcpy_fraction")
 
 
 def test_pipeline_reports_jpeg_and_raw_record_rates_with_its_device():
@@ -144,6 +145,13 @@ def test_pipeline_reports_jpeg_and_raw_record_rates_with_its_device():
     assert (report["image_size"], report["resize_size"]) == (64, 72)
     # Raw records hold the pixels at short side 72: about 72 x 96 x 3 bytes for a 4:3 photo, plus a header.
     assert 15 < report["raw_record_kb"] < 40 and report["mean_file_kb"] > 10
+    # raw_record_bytes counts the stored pixels alone: h x w x 3 with the short side 72, no header
+    assert isinstance(report["raw_record_bytes"], int)
+    assert 72 * 72 * 3 <= report["raw_record_bytes"] < report["raw_record_kb"] * 1024
+    for n in ("1worker_", ""):
+        assert report[f"raw_records_{n}memcpy_fraction"] == pytest.approx(
+            report[f"raw_records_{n}img_per_s"] * report["raw_record_bytes"] / (report["memcpy_gb_per_s"] * 1e9),
+            rel=0.02, abs=1e-4)
     assert report["device"] in lines[0] and "load average" in lines[0]
 
 

@@ -250,3 +250,40 @@ def test_center_crop_raw_records_keep_the_central_region_and_crop_like_the_whole
         sources.create_source(config, "train", 3, 0)
     with pytest.raises(SystemExit):
         args_for(src, str(tmp_path / "x"), "--shards=1", "--center_crop=24")  # JPEG records: refused
+
+
+class CountingRecords(arrayrecord.ArrayRecordSource):
+    reads = 0
+
+    def read_pixels(self, indices):
+        type(self).reads += 1
+        return super().read_pixels(indices)
+
+
+@pytest.mark.parametrize("center_crop, resize_size", [(0, 28), (0, 32), (24, 28), (24, 32)],
+                         ids=["whole-slice", "whole-resampled", "region-slice", "region-resampled"])
+def test_raw_records_read_a_batch_at_a_time_give_the_per_example_crops(tmp_path, center_crop, resize_size):
+    """Raw records are read one local batch per grain element (array_record's batched read); the train
+    batches are pixel for pixel those of the per-example path: slices where the records are at data.resize_size
+    (whole pictures of short side 28, or their central region), resampled where they are not."""
+    src = str(tmp_path / "src")
+    write_folder(src)
+    dst = str(tmp_path / "raw")
+    extra = [f"--center_crop={center_crop}"] if center_crop else []
+    convert.convert(args_for(src, dst, "--shards=2", "--resize=28", "--format=raw", "--workers=1", *extra))
+    source = CountingRecords(dst)
+    assert source.holds_pixels
+    read = source.read_pixels([5, 0, 11])
+    assert [int(x) for x in read["labels"]] == [int(source.read_record(i)["label"]) for i in (5, 0, 11)]
+    CountingRecords.reads = 0
+    for process_count in (1, 2):
+        for p in range(process_count):
+            kwargs = dict(global_batch_size=4, seed=1, image_size=16, resize_size=resize_size, process_index=p,
+                          process_count=process_count)
+            batched = pipeline.train_dataset(source, **kwargs)
+            per_example = pipeline.train_dataset(source, batch_reads=False, **kwargs)
+            for b in range(7):  # past the 12-example epoch
+                got, want = batched[b], per_example[b]
+                np.testing.assert_array_equal(got["image"], want["image"])
+                np.testing.assert_array_equal(got["label"], want["label"])
+    assert CountingRecords.reads == 3 * 7  # one read per local batch of the batched path

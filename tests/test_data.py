@@ -341,6 +341,42 @@ def test_processes_together_produce_the_single_process_global_batches(make_sourc
         assert_batches_equal(concat_processes(per_process), single)
 
 
+class CountingSynthetic(sources.SyntheticSource):
+    """The synthetic source, counting its batched reads."""
+
+    reads = 0
+
+    def read_pixels(self, indices):
+        type(self).reads += 1
+        return super().read_pixels(indices)
+
+
+@pytest.mark.parametrize("stored, resize", [(RESIZE_SIZE, RESIZE_SIZE), (IMAGE_SIZE, RESIZE_SIZE), (24, RESIZE_SIZE)],
+                         ids=["slice", "upscaled", "downscaled"])
+def test_batched_reads_give_the_per_example_pixels(stored, resize):
+    """A pixel source is read one local batch per grain element, and the batches are pixel for pixel those of
+    the per-example path with the same seed: crops cut by a slice where the stored size is the resize size,
+    resampled where it is not; across an epoch boundary and for every process's share."""
+    CountingSynthetic.reads = 0
+    source = CountingSynthetic(20, stored, num_classes=5, seed=4)
+    for process_count in (1, 2):
+        for p in range(process_count):
+            kwargs = train_kwargs(seed=9, resize_size=resize, process_index=p, process_count=process_count)
+            batched = take(pipeline.train_batches(source, **kwargs), 6)  # 48 of 20 examples: three epochs
+            per_example = [pipeline.train_dataset(source, batch_reads=False, **kwargs)[b] for b in range(6)]
+            assert_batches_equal(batched, per_example)
+    assert CountingSynthetic.reads >= 3 * 6  # one read per local batch (grain may read ahead)
+
+
+def test_batched_reads_of_digits_and_seeds_far_apart_match_the_per_example_path(digits_train):
+    for seed in (0, 2 ** 31 + 5):
+        kwargs = train_kwargs(seed=seed, resize_size=IMAGE_SIZE + 4)
+        batched = pipeline.train_dataset(digits_train, **kwargs)
+        per_example = pipeline.train_dataset(digits_train, batch_reads=False, **kwargs)
+        for b in (0, 3, 10_000):
+            assert_batches_equal([batched[b]], [per_example[b]])
+
+
 def test_global_batch_must_split_evenly_across_processes():
     with pytest.raises(ValueError, match="not divisible"):
         pipeline.train_dataset(IndexSource(16), **train_kwargs(process_count=3))

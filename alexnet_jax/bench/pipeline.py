@@ -91,6 +91,21 @@ def pipeline_throughput(source, *, workers: int, batch_size: int, images: int, i
 }
 
 
+def memcpy_gb_per_s(megabytes: int = 256, repeats: int = 5) -> float:
+    """One core's copy bandwidth: the best of `repeats` numpy copies of a `megabytes` uint8 array (far larger
+    than any cache) into another, in GB/s of bytes copied. The ceiling a reader of raw pixels is measured
+    against: each record's pixels must be copied at least once into the batch."""
+    src = np.ones(megabytes << 20, np.uint8)  # written, so its pages exist before the timing
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return src.nbytes / best / 1e9
+
+
 def raw_records(paths: list[str], directory: str, resize_size: int):
     """The files converted by `data.convert --format=raw --resize=resize_size` into one shard under
     `directory`, opened as the arrayrecord source reads them. The files are linked into an ImageFolder first, so
@@ -138,8 +153,17 @@ def run_pipeline(config) -> dict:
         print("converting the files to raw-pixel records ...", file=sys.stderr)
         records = raw_records(paths, tmp, resize_size)
         raw_kb = records.manifest["shards"][0]["bytes"] / len(records) / 1024
+        pixels = records.read_pixels(range(len(records)))["images"]
+        raw_bytes = float(np.mean([image.nbytes for image in pixels]))  # h x w x 3, what a read must copy
+        del pixels
         print("raw records, 1 worker ...", file=sys.stderr)
-        raw = pipeline_throughput(records, workers=1, **kwargs)
+        # Raw batches come fast: time more of them (the records repeat, from the page cache) than the JPEG runs.
+        raw_kwargs = {**kwargs, "images": max(kwargs["images"], 32 * batch_size)}
+        raw = pipeline_throughput(records, workers=1, **raw_kwargs)
+        print(f"raw records, {workers} workers ...", file=sys.stderr)
+        raw_many = pipeline_throughput(records, workers=workers, **raw_kwargs)
+    print("memcpy, one core ...", file=sys.stderr)
+    memcpy = memcpy_gb_per_s()
     result = {
         "bench": "pipeline",
         "pipeline_img_per_s": round(many["img_per_s"], 1),
@@ -147,10 +171,17 @@ def run_pipeline(config) -> dict:
         "pipeline_1worker_img_per_s": round(one["img_per_s"], 1),
         "pil_baseline_parallel_img_per_s": round(baseline_parallel["img_per_s"], 1),
         "raw_records_1worker_img_per_s": round(raw["img_per_s"], 1),
+        "raw_records_img_per_s": round(raw_many["img_per_s"], 1),
+        "memcpy_gb_per_s": round(memcpy, 2),
+        "raw_record_bytes": round(raw_bytes),
+        # the share of one core's copy bandwidth the raw pixels arrive at: 1 would be a single copy at memcpy speed
+        "raw_records_1worker_memcpy_fraction": round(raw["img_per_s"] * raw_bytes / (memcpy * 1e9), 4),
+        "raw_records_memcpy_fraction": round(raw_many["img_per_s"] * raw_bytes / (memcpy * 1e9), 4),
         "pipeline_cpu_ms_per_img": round(many["cpu_ms_per_img"], 3),
         "pipeline_1worker_cpu_ms_per_img": round(one["cpu_ms_per_img"], 3),
         "pil_baseline_cpu_ms_per_img": round(baseline["cpu_ms_per_img"], 3),
         "raw_records_1worker_cpu_ms_per_img": round(raw["cpu_ms_per_img"], 3),
+        "raw_records_cpu_ms_per_img": round(raw_many["cpu_ms_per_img"], 3),
         # > 1: the pipeline does an image with less CPU than the plain loop (the "per core" comparison)
         "per_core_speedup": round(baseline["cpu_ms_per_img"] / one["cpu_ms_per_img"], 3),
         "raw_records_speedup": round(raw["img_per_s"] / baseline["img_per_s"], 3),
@@ -182,4 +213,10 @@ def run_pipeline(config) -> dict:
     print(f"raw records x1 {result['raw_records_1worker_img_per_s']:8.1f} img/s  "
           f"{result['raw_records_1worker_cpu_ms_per_img']:.2f} CPU ms/img (1 worker, "
           f"{result['raw_record_kb']:.0f} KB/image against {result['mean_file_kb']:.0f} KB/JPEG)")
+    print(f"raw records x{workers:<2d}{result['raw_records_img_per_s']:8.1f} img/s  "
+          f"{result['raw_records_cpu_ms_per_img']:.2f} CPU ms/img ({workers} workers)")
+    print(f"memcpy, 1 core {result['memcpy_gb_per_s']:8.2f} GB/s: raw records deliver "
+          f"{100 * result['raw_records_1worker_memcpy_fraction']:.1f}% of it with 1 worker, "
+          f"{100 * result['raw_records_memcpy_fraction']:.1f}% with {workers} "
+          f"({result['raw_record_bytes'] / 1024:.0f} KiB of pixels per record)")
     return result

@@ -6,9 +6,11 @@ stream into local batches of L = G/P elements, and process p takes local batches
 decodes only its own L images of every global batch, and the union over processes is the same whatever P is.
 Because the stream is a pure function of the step, resuming at step s is just slicing at s.
 
-Sources that hold pixels (digits, synthetic, raw ArrayRecord) go through the array transforms. Sources of encoded
-images (ImageFolder, flat val, JPEG ArrayRecord: they have `read_record`) hand the transform the file's bytes, and
-the transform decodes only what the crop needs (data/decode.py) -- in the grain worker processes.
+Sources that hold pixels (digits, synthetic, raw ArrayRecord) are read a whole local batch per grain element in
+training (`BatchCrops`: one batched read, the crops cut straight into the batch array; eval and the
+statistics set go through the per-example array transforms). Sources of encoded images (ImageFolder, flat
+val, JPEG ArrayRecord: they have `read_record`) hand the transform the file's bytes, and the transform decodes
+only what the crop needs (data/decode.py) -- in the grain worker processes.
 
 Unreadable files (empty, truncated, not an image, over the pixel limit) never crash a run and never train with a
 wrong label. In a random-access pipeline an element cannot just vanish (batch shapes, and the same global batches
@@ -38,7 +40,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from alexnet_jax.data import decode, transforms
+from alexnet_jax.data import decode, draws, transforms
 
 AUGMENTATIONS = ("alexnet", "inception")
 EVAL_VIEW = "eval"  # TrainTransform's view for the BatchNorm-statistics set: the eval crop, with substitutes
@@ -92,6 +94,59 @@ class TrainTransform(grain.transforms.RandomMap):
                 example = self.records[int(rng.integers(len(self.records)))]
         raise RuntimeError(f"{MAX_SUBSTITUTES + 1} unreadable images in a row (first at index {bad_index}): "
                            "is the data path right?")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamIndex(grain.transforms.MapWithIndex):
+    """An element of the shuffled index stream as (its stream position, the source index it names)."""
+
+    def map_with_index(self, position: int, index):
+        return {"position": np.int64(position), "index": np.int64(index)}
+
+
+@functools.lru_cache(maxsize=8)
+def _philox_key(seed: int) -> np.ndarray:
+    return draws.philox_key(seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchCrops(grain.transforms.Map):
+    """The alexnet train view of a local batch of a pixel source, read in one call (`source.read_pixels`).
+
+    Gives the same pixels TrainTransform gives each element: the offsets are the draws of the generator grain's
+    random_map would hand that stream position (data/draws.py), so the batches still depend only on the seed and
+    the global batch index. A stored array already at the crop's scale (its short side, or its picture's, is
+    resize_size) is cut by a slice, copied once from the read buffer into the batch array; others (and the rare
+    offsets numpy would redraw) go through transforms.random_crop with that generator."""
+
+    source: object
+    image_size: int
+    resize_size: int
+    seed: int
+
+    def map(self, batch):
+        positions = batch["position"]
+        read = self.source.read_pixels(batch["index"])
+        images, size, resize = read["images"], self.image_size, self.resize_size
+        hw = np.array([image.shape[:2] for image in images], np.int64).reshape(-1, 2)
+        h, w = hw[:, 0], hw[:, 1]
+        # transforms._resized_shape, vectorised with the same float operations in the same order
+        whole = np.array([s is None for s in read["short_sides"]])
+        short = np.where(whole, np.minimum(h, w), [s or 1 for s in read["short_sides"]])
+        scale = resize / short
+        rw, rh = np.round(w * scale).astype(np.int64), np.round(h * scale).astype(np.int64)
+        rw, rh = np.where(whole, np.maximum(rw, resize), rw), np.where(whole, np.maximum(rh, resize), rh)
+        key = _philox_key(self.seed)
+        top, left, exact = draws.crop_offsets(key, positions, rh - size + 1, rw - size + 1)
+        cut = exact & (rw == w) & (rh == h)
+        out = np.empty((len(images), size, size, 3), np.uint8)
+        for k, image in enumerate(images):
+            if cut[k]:
+                out[k] = image[top[k]:top[k] + size, left[k]:left[k] + size]
+            else:
+                out[k] = transforms.random_crop(image, draws.element_generator(key, positions[k]), size, resize,
+                                                read["short_sides"][k])
+        return {"image": out, "label": np.asarray(read["labels"], np.int32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,11 +517,20 @@ class BatchIterator:
 
 
 def train_dataset(source, *, global_batch_size: int, seed: int, image_size: int, resize_size: int,
-                  augment: str = "alexnet", process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """An endless MapDataset of this process's local train batches; element b is its part of global batch b."""
+                  augment: str = "alexnet", process_index: int = 0, process_count: int = 1,
+                  batch_reads: bool = True) -> grain.MapDataset:
+    """An endless MapDataset of this process's local train batches; element b is its part of global batch b.
+
+    alexnet crops of a source that holds pixels are read a batch per element (BatchCrops); batch_reads=False
+    maps one example per element instead, as for every other source and view (the same pixels, slower)."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     local = _local_batch_size(global_batch_size, process_count)
+    if batch_reads and augment == "alexnet" and getattr(source, "holds_pixels", False):
+        # The same shuffled stream as below (a shuffle permutes positions whatever its parent holds), as indices.
+        ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None).map_with_index(StreamIndex())
+        ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
+        return ds.map(BatchCrops(source, image_size, resize_size, seed))
     records = _records(source)
     ds = grain.MapDataset.source(records).shuffle(seed=seed).repeat(None)
     ds = ds.random_map(TrainTransform(image_size, resize_size, augment,

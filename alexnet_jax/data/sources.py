@@ -7,6 +7,11 @@ Sources of encoded images (data/imagefolder.py: ImageFolder and the flat ILSVRC 
 our converter's shards) also have `read_record(i)` (the undecoded element: {"encoded": bytes, "label", "index"})
 and `name(i)` (the file, for messages); the pipeline reads through `read_record` and decodes in its grain
 workers, at the size the crop needs.
+
+Sources that hold pixels (digits, synthetic, raw ArrayRecord: `holds_pixels` true) also have
+`read_pixels(indices)`: a whole batch's stored pixels in one call ({"images": uint8 HWC arrays, "labels": int32,
+"short_sides": each record's picture short side or None}); the train pipeline reads a local batch at a time
+through it and cuts the crops straight into the batch array.
 """
 
 import numpy as np
@@ -39,13 +44,26 @@ class DigitsSource:
         self._images = np.round(digits.images[keep] * (255.0 / 16.0)).astype(np.uint8)
         self._labels = digits.target[keep].astype(np.int32)
         self._image_size = image_size
+        self._upscaled = None  # every image at image_size, made on the first batched read (in each worker)
         self.class_names = [str(d) for d in range(10)]
+
+    holds_pixels = True
 
     def __len__(self):
         return len(self._labels)
 
     def __getitem__(self, index):
         return {"image": upscale_gray(self._images[index], self._image_size), "label": int(self._labels[index])}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_upscaled": None}  # workers rebuild it: cheaper than pickling it to each
+
+    def read_pixels(self, indices) -> dict:
+        if self._upscaled is None:
+            self._upscaled = np.stack([upscale_gray(g, self._image_size) for g in self._images])
+        indices = np.asarray(indices, np.int64)
+        return {"images": list(self._upscaled[indices]), "labels": self._labels[indices],
+                "short_sides": [None] * len(indices)}
 
 
 def upscale_gray(gray: np.ndarray, image_size: int) -> np.ndarray:
@@ -70,10 +88,17 @@ class SyntheticSource:
     def __len__(self):
         return self._num_examples
 
+    holds_pixels = True
+
     def __getitem__(self, index):
         rng = np.random.default_rng((self._seed, index))
         image = rng.integers(0, 256, (self._image_size, self._image_size, 3), dtype=np.uint8)
         return {"image": image, "label": int(rng.integers(self._num_classes))}
+
+    def read_pixels(self, indices) -> dict:
+        examples = [self[int(i)] for i in indices]  # random pixels cost their generation, whatever the batching
+        return {"images": [e["image"] for e in examples], "labels": np.array([e["label"] for e in examples], np.int32),
+                "short_sides": [None] * len(examples)}
 
 
 def create_source(data_config, split: str, num_classes: int | None, seed: int, class_names=None):
