@@ -58,6 +58,23 @@ def tiny_config(source="synthetic", variant="owt", **overrides):
     return c
 
 
+def loopback_namespace_unavailable(*modules: str) -> str | None:
+    """Why a test cannot run in a network namespace holding only loopback (`unshare -n`, then `lo` up), where
+    nothing but 127.0.0.1 can be reached (no metadata server, no bucket), or None when it can."""
+    import importlib.util
+    import shutil
+
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (pip install -e '.[test]')"
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return "needs unshare and ip (util-linux, iproute2) for a loopback-only network namespace"
+    probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create a network namespace here (needs root or user namespaces): {probe.stderr.strip()}"
+    return None
+
+
 def run_cli(module, *args, env=None, timeout=600):
     """Runs `python -m module args` from the repo root; returns the CompletedProcess."""
     full_env = {**os.environ, **(env or {})}

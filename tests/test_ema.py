@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import checkpointing, inference, train
+from alexnet_jax import checkpointing, inference
 from conftest import REPO, run_cli, tiny_config
 from test_train import _fixed_batch, _setup
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, loopback_namespace_unavailable
 
 TINY = ["--config=configs/digits.py", "--config.model.width=0.0625", "--config.batch_size=16",
         "--config.log_every_steps=1", "--config.eval_every_steps=1000"]
@@ -126,23 +126,6 @@ def _args(module, tmp_path) -> list[str]:
     return [f"--src={src.parent}", "--shards=1"]
 
 
-def _network_namespace_unavailable() -> str | None:
-    if importlib_util_missing("gcsfs"):
-        return "gcsfs is not installed (pip install -e '.[gcs]')"
-    if not shutil.which("unshare") or not shutil.which("ip"):
-        return "needs unshare and ip (util-linux, iproute2) for a loopback-only network namespace"
-    probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot create a network namespace here (needs root or user namespaces): {probe.stderr.strip()}"
-    return None
-
-
-def importlib_util_missing(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is None
-
-
 NO_AUTH_PROBES = {  # as tests/gcs_scenarios.py: no client may look for credentials or a metadata server
     "FSSPEC_GCS_TOKEN": "anon", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy",
     "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9", "GCE_METADATA_ROOT": "127.0.0.1:9",
@@ -154,7 +137,7 @@ NO_AUTH_PROBES = {  # as tests/gcs_scenarios.py: no client may look for credenti
 def test_an_unreachable_bucket_is_one_line_within_15_s(tmp_path, module, endpoint):
     """In a network namespace with nothing but loopback: an emulator address where nothing listens (connection
     refused), or the public endpoint (its name cannot be resolved)."""
-    reason = _network_namespace_unavailable()
+    reason = loopback_namespace_unavailable("gcsfs")
     if reason:
         pytest.skip(reason)
     env = {key: value for key, value in os.environ.items()

