@@ -156,3 +156,28 @@ def test_an_unreachable_bucket_is_one_line_within_15_s(tmp_path, module, endpoin
     where = "http://127.0.0.1:9" if endpoint == "emulator" else "https://storage.googleapis.com"
     assert f"cannot reach gs://no-such-bucket (for gs://no-such-bucket/run) at {where}: " in error, error
     assert took <= 15, took
+
+
+def test_a_write_refused_by_storage_mid_run_is_exit_4_naming_the_step(tmp_path):
+    """The storage starts refusing writes while the trainer runs (here: a read-only filesystem mounted over its
+    checkpoints folder after the first save): one line naming the step whose save was refused, exit 4, no
+    traceback and no hang."""
+    reason = _mount_namespace_unavailable()
+    if reason:
+        pytest.skip(reason)
+    workdir = tmp_path / "run"
+    command = shlex.join([sys.executable, "-m", "alexnet_jax.main", f"--workdir={workdir}", *TINY,
+                          "--config.num_train_steps=300", "--config.checkpoint_every_steps=3"])
+    checkpoints = shlex.quote(str(workdir / "checkpoints"))
+    script = (f"{command} 2>{tmp_path / 'stderr'} & pid=$!\n"
+              f"while [ ! -d {checkpoints}/3 ] && kill -0 $pid 2>/dev/null; do sleep 0.05; done\n"
+              f"mount -t tmpfs -o ro tmpfs {checkpoints} || exit 99\n"
+              "wait $pid\n")
+    result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=REPO,
+                            capture_output=True, text=True, timeout=240)
+    result.stderr = (tmp_path / "stderr").read_text()
+    error = _one_line(result, 4)
+    step = int(error.split("the checkpoint of step ")[1].split()[0])
+    assert step > 3 and "could not be written" in error and "Read-only file system" in error, error
+    assert "Final checkpoint" not in result.stderr
+    assert _published_steps(workdir / "checkpoints") == [3]  # the one written before, on the disk beneath
