@@ -111,3 +111,22 @@ def test_a_checkpoint_without_an_average_resumes_with_one_started_from_its_param
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "has no weight average: starting it from its params" in resumed.stderr
     assert checkpointing.has_item(checkpointing.create_manager(str(workdir), read_only=True), 5, "ema")
+
+
+@pytest.mark.parametrize("best_metric, kept", [("eval_top1", [1, 3]), ("eval_ema_top1", [2, 3])])
+def test_best_metric_picks_the_checkpoint_kept_beside_the_newest(tmp_path, best_metric, kept):
+    import jax.numpy as jnp
+
+    from alexnet_jax import optim, sharding, train
+
+    config = tiny_config(**{"optim.ema_decay": 0.9, "best_metric": best_metric})
+    tx = train.create_optimizer(config.optim, optim.create_learning_rate_fn(config.optim, 1, 10))
+    state = train.create_train_state(config, tx, train.abstract_train_state(config, sharding.create_mesh(), tx))
+    manager = checkpointing.create_manager(str(tmp_path), max_to_keep=1, best_metric=best_metric)
+    # The raw weights were best at step 1, their average at step 2; step 3 is the newest.
+    for step, raw, ema in ((1, 0.9, 0.1), (2, 0.1, 0.8), (3, 0.2, 0.3)):
+        checkpointing.save(manager, state.replace(step=jnp.asarray(step, jnp.int32)), config, [str(i) for i in range(10)],
+                           {"eval_top1": raw, "eval_ema_top1": ema})
+        checkpointing.wait(manager)
+    assert sorted(manager.all_steps()) == kept
+    manager.close()
