@@ -66,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     # crop unless set, so overriding image_size alone keeps the paper's proportions (64 -> 73, 224 -> 256).
     c.data.resize_size = c.data.get_ref("image_size") * 256 // 224
     c.data.random_flip = True  # on-device horizontal flip of train images
-    c.data.workers = 0  # grain worker processes; 0 decodes in the training process
+    # grain worker processes; 0 decodes in the training process; -1 chooses per pipeline from the usable cores and
+    # the images it decodes (none for small runs and splits; see data/pipeline.py auto_workers), logged once.
+    c.data.workers = 0
     # Decode threads in each worker (0: one image at a time). Decoding releases the GIL, so N threads let one
     # process use N cores: fewer workers, each holding its own copy of the file list, for the same throughput.
     c.data.worker_threads = 0
@@ -258,8 +260,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         problems.append(f"precise_bn_examples must be >= 0 (got {config.precise_bn_examples})")
     if d.get("device_prefetch", 0) < 0:
         problems.append(f"data.device_prefetch must be >= 0 (got {d.device_prefetch})")
-    if d.workers < 0:
-        problems.append(f"data.workers must be >= 0 (got {d.workers})")
+    if d.workers < pipeline.AUTO_WORKERS:
+        problems.append(f"data.workers must be >= 0, or -1 to choose from the cores and the run's size "
+                        f"(got {d.workers})")
     if d.get("worker_threads", 0) < 0:
         problems.append(f"data.worker_threads must be >= 0 (got {d.worker_threads})")
     if d.get("worker_buffer", 1) < 1:

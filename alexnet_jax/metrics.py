@@ -169,8 +169,9 @@ def format_duration(seconds: float) -> str:
 
 
 class Throughput:
-    """Training images per second and ETA between log steps (the first window includes compilation). Time spent
-    in `paused()` blocks (evals, checkpoint saves) is left out, so neither the rate nor the ETA jumps after one.
+    """Training images per second and ETA between log steps. Time spent in `paused()` blocks (evals, checkpoint
+    saves, the train step's compilation) is left out, so neither the rate nor the ETA jumps after one, and the
+    first row's ETA is that of the steps, not of compiling them.
 
     A window is timed to the moment its last step was first seen finished on the device: `poll` looks, without
     waiting, after every dispatched step, and `update` at the latest once the row has been fetched. Timing the
@@ -233,13 +234,13 @@ _OPTIONAL_FIELDS = (("mfu", "MFU", ".1%"), ("clip_fraction", "clipped", ".0%"), 
 
 class InputBoundWarning:
     """Says once, naming the fixes, when the input pipeline bounds training: the loop waited for its next batch
-    for more than THRESHOLD of ROWS rows in a row. The first row is not judged (workers start, the step
-    compiles)."""
+    for more than THRESHOLD of ROWS rows in a row. The first row is not judged (it waits for the workers to
+    start)."""
 
     THRESHOLD, ROWS = 0.2, 3
 
-    def __init__(self, data_config):
-        self._data = data_config
+    def __init__(self, data_config, workers: int):
+        self._data, self._workers = data_config, workers  # the count in use (data.workers=-1 is resolved)
         self._rows, self._over, self._said = 0, 0, False
 
     def check(self, wait_fraction: float) -> None:
@@ -254,7 +255,7 @@ class InputBoundWarning:
                             "faster with more decode processes (data.workers, now %d) or threads "
                             "(data.worker_threads, now %d), or from raw-pixel records (python -m "
                             "alexnet_jax.data.convert --format=raw; see the README's 'Which record format')",
-                            self.ROWS, 100 * wait_fraction, d.workers, d.get("worker_threads", 0))
+                            self.ROWS, 100 * wait_fraction, self._workers, d.get("worker_threads", 0))
 
 
 def log_eval(step: int, row: dict, seconds: float | None = None) -> None:

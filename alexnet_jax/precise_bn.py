@@ -74,7 +74,9 @@ class PreciseBatchNorm:
             train_source, num_examples=count, global_batch_size=config.batch_size, seed=config.seed,
             image_size=config.data.image_size, resize_size=config.data.resize_size,
             process_index=jax.process_index(), process_count=jax.process_count())
-        self._passes = pipeline.RepeatedPasses(ds, train_source, kind="stats", **pipeline.feed_options(config.data))
+        feed = pipeline.feed_options(config.data, purpose="the BatchNorm statistics", images=count,
+                                     global_batch_size=config.batch_size, process_count=jax.process_count())
+        self._passes = pipeline.RepeatedPasses(ds, train_source, kind="stats", **feed)
         moments = functools.partial(batch_moments, graphdef=_moments_graphdef(config.model),
                                         dtype=models.compute_dtype(config.model.dtype))
         layout = sharding.classifier_layout(mesh, config.model.num_classes)

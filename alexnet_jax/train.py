@@ -228,7 +228,8 @@ def evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=None, aband
             eval_source, global_batch_size=eval_batch_size(config), image_size=config.data.image_size,
             resize_size=config.data.resize_size, eval_crops=config.data.eval_crops,
             process_index=jax.process_index(), process_count=jax.process_count(),
-            **pipeline.feed_options(config.data))
+            **pipeline.feed_options(config.data, purpose="eval", images=len(eval_source),
+                                    global_batch_size=eval_batch_size(config), process_count=jax.process_count()))
         try:
             return evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=own)
         finally:
@@ -416,9 +417,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  "mesh %s", config.model.variant, config.model.width, config.model.num_classes, total_steps,
                  steps_per_epoch, config.batch_size, jax.device_count(), dict(mesh.shape))
 
+    # Resolved once: a rollback's new stream keeps the run's worker count.
+    train_feed = pipeline.feed_options(config.data, purpose="training", images=(total_steps - start_step) *
+                                       config.batch_size, global_batch_size=config.batch_size,
+                                       process_count=jax.process_count())
+
     def batches_from(step):  # step s trains on global batch s + batch_offset (moved on only by rollbacks)
         return sharding.DevicePrefetch(pipeline.train_batches(
-            train_source, start_step=step + recovery.batch_offset, **pipeline.feed_options(config.data),
+            train_source, start_step=step + recovery.batch_offset, **train_feed,
             global_batch_size=config.batch_size, seed=config.seed, image_size=config.data.image_size,
             resize_size=config.data.resize_size, augment=config.data.augment,
             process_index=jax.process_index(), process_count=jax.process_count()),
@@ -427,7 +433,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_passes = pipeline.eval_passes(
         eval_source, global_batch_size=eval_batch_size(config), image_size=config.data.image_size,
         resize_size=config.data.resize_size, eval_crops=config.data.eval_crops,
-        process_index=jax.process_index(), process_count=jax.process_count(), **pipeline.feed_options(config.data))
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        **pipeline.feed_options(config.data, purpose="eval", images=len(eval_source),
+                                global_batch_size=eval_batch_size(config), process_count=jax.process_count()))
     bn_examples = precise_bn.num_examples(config, len(train_source))
     precise = (precise_bn.PreciseBatchNorm(config, train_source, mesh, model_shardings_of(state_shardings),
                                            bn_examples) if bn_examples else None)
@@ -483,7 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # that its cost analysis is at hand.
     input_wait, waited, set_aside, window_clock, compiled_step = {}, 0.0, 0.0, time.perf_counter(), None
     flops = types.SimpleNamespace(per_step=None, peak=utilization.peak_tflops(jax.devices()[0].device_kind))
-    input_bound = metrics.InputBoundWarning(config.data)
+    input_bound = metrics.InputBoundWarning(config.data, train_feed["workers"])
     step_metrics = None
     try:
         while step < total_steps:
@@ -498,7 +506,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if step_metrics is None or step_metrics["train_loss"].is_ready():
                 waited += time.perf_counter() - asked
             if compiled_step is None:
-                compiled_step = step_fn.lower(state, batch).compile()
+                with throughput.paused() as compiling:  # kept out of the first row's img/s and ETA
+                    compiled_step = step_fn.lower(state, batch).compile()
+                set_aside += compiling.seconds  # and out of its input_wait_fraction's time
+                logging.info("Compiled the train step in %.1f s (left out of the first row's img/s and ETA)",
+                             compiling.seconds)
                 flops.per_step = utilization.step_flops(compiled_step)
             state, step_metrics = compiled_step(state, batch)
             # On CPUs a device array may be the host batch's own memory (grain's shared memory, with workers):

@@ -15,7 +15,7 @@ def get_config():
     c.model.variant = "owt"
     c.data.source = "imagefolder"
     c.data.image_size = 224  # resize_size follows: 256
-    c.data.workers = 8
+    c.data.workers = -1  # auto: from the cores and the run's size (none for small runs)
     c.batch_size = 256
     c.num_epochs = 90
     c.log_every_steps = 100

@@ -25,7 +25,7 @@ def get_config():
     c.data.source = "imagefolder"
     c.data.image_size = 224
     c.data.resize_size = 256
-    c.data.workers = 16
+    c.data.workers = -1  # auto: from the cores and the run's size (none for small runs)
     c.batch_size = 8192
     c.num_epochs = 100
     c.log_every_steps = 20

@@ -21,6 +21,7 @@ TINY = ["--config.model.width=0.0625", "--config.batch_size=16", "--config.num_t
     ("--config.data.source=imagefolder", "data.train_path"),
     ("--config.batch_size=63", "batch_size"),
     ("--config.data.worker_threads=-1", "data.worker_threads"),
+    ("--config.data.workers=-2", "data.workers"),  # -1 is auto, other negatives mean nothing
     ("--config.data.worker_buffer=0", "data.worker_buffer"),
     ("--config.model.max_pool_grad=fast", "model.max_pool_grad"),
 ])

@@ -1,6 +1,9 @@
 """Sources, host transforms, on-device transforms and grain pipelines: real grain, real scikit-learn digits."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,7 @@ import numpy as np
 import pytest
 
 from alexnet_jax.data import pipeline, sources, transforms
+from conftest import REPO, tiny_config
 
 IMAGE_SIZE = 16  # small crops keep every test fast; the pipelines do not care about the size
 RESIZE_SIZE = 20
@@ -460,3 +464,46 @@ def test_decode_threads_and_buffers_in_the_workers_keep_the_batches():
     want_eval = list(pipeline.eval_batches(source, **eval_kwargs()))
     got_eval = list(pipeline.eval_batches(source, workers=1, worker_threads=2, worker_buffer=2, **eval_kwargs()))
     assert_batches_equal(got_eval, want_eval)
+
+
+def test_auto_workers_start_none_for_a_small_job_however_many_cores():
+    """A 20-image eval and a 4-step run at batch 256 waited a minute for 8 workers on 2 cores."""
+    for cores in (2, 16, 128):
+        assert pipeline.auto_workers(cores=cores, images=20, batch_size=256)[0] == 0
+        count, why = pipeline.auto_workers(cores=cores, images=4 * 256, batch_size=256)
+        assert count == 0 and "1024 images" in why, why
+
+
+def test_auto_workers_for_a_large_job_are_bounded_by_the_cores_and_the_batches():
+    imagenet = 1_281_167
+    counts = {cores: pipeline.auto_workers(cores=cores, images=imagenet, batch_size=256)[0]
+              for cores in (1, 2, 3, 4, 8, 16, 64, 256)}
+    # Two cores stay with the trainer and XLA; a single worker would be slower than the trainer's own 2 threads.
+    assert counts == {1: 0, 2: 0, 3: 0, 4: 2, 8: 6, 16: 14, 64: 32, 256: 32}, counts
+    count, why = pipeline.auto_workers(cores=16, images=imagenet, batch_size=256, step_on_host=True)
+    assert count == 8 and "16 usable cores, 8 kept" in why, why  # the CPU backend's step needs the cores too
+    assert pipeline.auto_workers(cores=64, images=3 * 1024, batch_size=1024)[0] == 3  # one per batch
+
+
+def test_feed_options_resolve_auto_workers_in_one_info_line_once(caplog):
+    config = tiny_config(**{"data.workers": -1, "data.worker_threads": 2})
+    purpose = "a 20-image test split"  # auto lines are said once per process: a purpose no other test uses
+    with caplog.at_level("INFO", logger="absl"):
+        first = pipeline.feed_options(config.data, purpose=purpose, images=20, global_batch_size=16)
+        again = pipeline.feed_options(config.data, purpose=purpose, images=20, global_batch_size=16)
+    assert first == again == {"workers": 0, "worker_threads": 2, "worker_buffer": 1}
+    lines = [r.getMessage() for r in caplog.records if purpose in r.getMessage()]
+    assert lines == [f"data.workers=-1 (auto): 0 worker process(es) for {purpose}: 20 images to decode, under "
+                     "2048: decoding them here is quicker than starting worker processes"], lines
+    config.data.workers = 3  # a count given is used as it is
+    assert pipeline.feed_options(config.data, purpose=purpose, images=20, global_batch_size=16)["workers"] == 3
+
+
+def test_usable_cores_follow_the_cpu_affinity():
+    """A process pinned to one core (taskset, a scheduler's cpuset) counts one, whatever the host has."""
+    one = next(iter(os.sched_getaffinity(0)))
+    pinned = subprocess.run([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{one}}}); "
+                             "from alexnet_jax.data import pipeline; print(pipeline.usable_cores())"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert pinned.returncode == 0 and pinned.stdout.split()[-1] == "1", pinned.stderr[-2000:]
+    assert 1 <= pipeline.usable_cores() <= len(os.sched_getaffinity(0))

@@ -45,14 +45,15 @@ def folder_run(tmp_path_factory):
 
 
 def _imagenet_config_args(folder_run, workers=0):
+    """workers=None: configs/imagenet.py's own (-1, auto)."""
     workdir, val, _, _ = folder_run
     return ["--config=configs/imagenet.py", f"--workdir={workdir}", f"--config.data.eval_path={val}",
-            f"--config.data.workers={workers}", "--config.batch_size=4", "--json"]
+            *([] if workers is None else [f"--config.data.workers={workers}"]), "--config.batch_size=4", "--json"]
 
 
 @pytest.fixture(scope="module")
 def imagenet_config_eval(folder_run):
-    """With grain worker processes, as configs/imagenet.py has by default."""
+    """With grain worker processes, as a large split gets them."""
     return run_cli("alexnet_jax.evaluate", *_imagenet_config_args(folder_run, workers=2), "--per-class")
 
 
@@ -117,9 +118,13 @@ def test_the_readme_evaluate_example_moves_resize_size_with_image_size(tmp_path,
     notes = [line for line in result.stderr.splitlines() if "follows data.image_size" in line]
     assert len(notes) == 1 and "at the checkpoint's ratio 64/64" in notes[0], result.stderr[-3000:]
 
-    result = run_cli("alexnet_jax.evaluate", *_imagenet_config_args(folder_run), "--config.data.image_size=96")
+    result = run_cli("alexnet_jax.evaluate", *_imagenet_config_args(folder_run, workers=None),
+                     "--config.data.image_size=96")
     assert result.returncode == 0, result.stderr[-3000:]
     assert _last_json(result.stdout)["resize_size"] == 96 * 72 // 64
+    # imagenet.py's data.workers=-1 starts no worker process for 9 images (8 of them took a minute to start).
+    auto = [line for line in result.stderr.splitlines() if "data.workers=-1 (auto)" in line]
+    assert len(auto) == 1 and "0 worker process(es) for eval: 9 images to decode" in auto[0], result.stderr[-3000:]
 
 
 def test_converted_records_read_as_image_folders_say_what_they_are(tmp_path, folder_run):

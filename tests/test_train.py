@@ -240,3 +240,23 @@ def test_rows_report_the_share_of_time_spent_waiting_for_input(tmp_path, monkeyp
         assert min(later) > 0.8 and warned, waits
     else:  # cached pixels, read ahead by grain's threads while the device still runs the steps before
         assert max(later) < 0.5 and not warned, waits
+
+
+def test_first_row_leaves_out_compilation_and_auto_workers_say_why_once(tmp_path, caplog):
+    """The first row once showed `1 img/s ETA 7:36`: its rate included compiling the step. And data.workers=-1
+    resolves for each pipeline (training, eval, the BatchNorm statistics) in one info line each."""
+    config = tiny_config(variant="bn", **{"num_train_steps": 8, "data.workers": -1, "data.device_prefetch": 0})
+    with caplog.at_level("INFO", logger="absl"):
+        train.train_and_evaluate(config, str(tmp_path))
+    messages = [r.getMessage() for r in caplog.records]
+    auto = sorted(m for m in messages if m.startswith("data.workers=-1 (auto)"))
+    assert [m.split(": ")[1] for m in auto] == ["0 worker process(es) for eval", "0 worker process(es) for the "
+                                                "BatchNorm statistics", "0 worker process(es) for training"], auto
+    assert "128 images to decode" in auto[-1]  # 8 steps of 16
+    compiled = [float(re.search(r"in ([\d.]+) s", m).group(1)) for m in messages if "Compiled the train step" in m]
+    assert len(compiled) == 1, messages
+    seconds = [config.batch_size / r["img_per_s"] for _, r in sorted(read_rows(str(tmp_path), "train_loss").items())]
+    assert len(seconds) == 8
+    # Compiling takes seconds, a step of this model milliseconds: a first row that still held the compilation
+    # would take at least the compile time; without it, it is a step (plus the first batch) like the others.
+    assert seconds[0] < max(compiled[0] / 2, 4 * float(np.median(seconds[1:]))), (compiled, seconds)

@@ -129,7 +129,9 @@ def run_pipeline(config) -> dict:
     workers = FLAGS.workers or os.cpu_count() or 1
     image_size, resize_size = int(config.data.image_size), int(config.data.resize_size)
     batch_size, augment = int(config.batch_size), config.data.augment
-    feed = pipeline.feed_options(config.data)  # its threads and buffer; the worker counts are the bench's own
+    config.data.workers = 1  # the bench's own counts (1, `workers`) stand in for the config's: read its threads, buffer
+    feed = pipeline.feed_options(config.data, purpose="the benchmark", images=FLAGS.images,
+                                 global_batch_size=batch_size)
     with tempfile.TemporaryDirectory(prefix="alexnet_bench_") as tmp:
         if data:
             source = imagefolder.ImageFolderSource(data)

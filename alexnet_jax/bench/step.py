@@ -177,7 +177,9 @@ def _fed_loop(bench: str, config, source, extra: dict) -> dict:
 
     steps, warmup = FLAGS.steps, FLAGS.warmup
     step_report, mesh, state, compiled, flops = _bench_step(config, 2 * (warmup + 2 * steps))
-    feed = pipeline.feed_options(config.data)
+    feed = pipeline.feed_options(config.data, purpose="the fed loop", images=(warmup + 2 * steps + 1) *
+                                 config.batch_size, global_batch_size=config.batch_size,
+                                 process_count=jax.process_count())
     start = time.perf_counter()
     batches = [pipeline.train_batches(
         source, **feed, global_batch_size=config.batch_size, seed=config.seed,

@@ -390,10 +390,70 @@ def interrupts_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def feed_options(data_config) -> dict:
+AUTO_WORKERS = -1  # data.workers=-1: the count is chosen per pipeline, see auto_workers
+SMALL_PIPELINE_IMAGES = 2048
+MAX_AUTO_WORKERS = 32
+_announced: set[str] = set()  # auto counts logged so far: each is said once per process
+
+
+def auto_workers(*, cores: int, images: int, batch_size: int, step_on_host: bool = False) -> tuple[int, str]:
+    """(worker processes, why) for data.workers=-1, from this process's usable `cores` and the size of the job:
+    `images` this process will decode in `batch_size` batches (its part of a run's training stream, or of one
+    pass over an eval or statistics set).
+
+    A worker takes seconds to start (it imports the project) and then competes with the trainer for cores, while
+    in this process two threads decode ~300 JPEGs per second per core: under SMALL_PIPELINE_IMAGES images no
+    worker pays for its start. Two cores stay with the training loop and XLA's host threads; on the CPU backend
+    the step itself runs on these cores, so half of them do. One worker without threads is slower than the two
+    decoding threads this process uses without workers, so it is none or at least two. A worker builds whole
+    batches, so more workers than batches would idle; past MAX_AUTO_WORKERS, add data.worker_threads instead
+    (each process holds its own copy of the file list)."""
+    if images < SMALL_PIPELINE_IMAGES:
+        return 0, (f"{images} images to decode, under {SMALL_PIPELINE_IMAGES}: decoding them here is quicker than "
+                   "starting worker processes")
+    reserved = max(2, cores // 2) if step_on_host else 2
+    keeps = f"{cores} usable cores, {reserved} kept for the training loop and XLA" + (
+        " (the step runs on the CPU)" if step_on_host else "")
+    spare = cores - reserved
+    if spare < 2:
+        return 0, f"{keeps}: too few left for worker processes"
+    batches = -(-images // max(1, batch_size))
+    count = min(spare, batches, MAX_AUTO_WORKERS)
+    bound = ("one per batch" if count == batches < spare else
+             f"at most {MAX_AUTO_WORKERS}" if count == MAX_AUTO_WORKERS < spare else "one per spare core")
+    return count, f"{keeps}, {bound}, for {images} images"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, and a container's CPU quota (cgroup v2) below it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def feed_options(data_config, *, purpose: str, images: int, global_batch_size: int, process_count: int = 1) -> dict:
     """The pipeline's process/thread/prefetch settings from a config's data section, as keyword arguments of
-    train_batches, eval_batches, eval_passes and RepeatedPasses."""
-    return {"workers": int(data_config.workers), "worker_threads": int(data_config.get("worker_threads", 0)),
+    train_batches, eval_batches, eval_passes and RepeatedPasses. data.workers=-1 is resolved here: auto_workers
+    for this process's share of `images` (all processes' images of the run's training stream, or of one pass of
+    an eval or statistics set), logged in one info line naming the `purpose` (e.g. "training", "eval"), once."""
+    workers = int(data_config.workers)
+    if workers == AUTO_WORKERS:
+        import jax  # only the trainer resolves it, with jax loaded; the workers import this module without it
+
+        workers, why = auto_workers(cores=usable_cores(), images=int(images) // process_count,
+                                    batch_size=max(1, global_batch_size // process_count),
+                                    step_on_host=jax.default_backend() == "cpu")
+        line = f"data.workers=-1 (auto): {workers} worker process(es) for {purpose}: {why}"
+        if line not in _announced:
+            _announced.add(line)
+            logging.info("%s", line)
+    return {"workers": workers, "worker_threads": int(data_config.get("worker_threads", 0)),
             "worker_buffer": int(data_config.get("worker_buffer", 1))}
 
 
