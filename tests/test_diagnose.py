@@ -95,6 +95,12 @@ def test_the_docs_are_the_rendering_of_the_committed_run():
     def loss(*key):
         return number(run(*key)["final_loss"])
 
+    def peak(variant, activation, lr):
+        """'475 at step 11': the highest finite pre-clip gradient norm of the unclipped run, and its step."""
+        curve = [float(v) for v in run(variant, activation, lr, 0.0)["grad_norm_curve"]]
+        value, step = max((v, i + 1) for i, v in enumerate(curve) if math.isfinite(v))
+        return f"{number(value)} at step {step}"
+
     quoted = {  # what docs/diagnose.md and the README say, built from the committed run
         "tanh_lr1": f"{loss('owt', 'tanh', 1.0, 0.0)} → {loss('owt', 'tanh', 1.0, 1.0)}",
         "bn_relu_lr10": f"{loss('bn', 'relu', 10.0, 0.0)} → {loss('bn', 'relu', 10.0, 1.0)}",
@@ -102,9 +108,13 @@ def test_the_docs_are_the_rendering_of_the_committed_run():
         "tanh_lr01": f"{loss('owt', 'tanh', 0.1, 0.0)} → {loss('owt', 'tanh', 0.1, 1.0)}",
         "bn_lr001": f"{loss('bn', 'relu', 0.01, 0.0)} → {loss('bn', 'relu', 0.01, 1.0)}",
         "skipped": f"refused {run('owt', 'relu', 10.0, 0.0)['skipped_steps']} of the 40 steps",
+        "owt_relu_peak": peak('owt', 'relu', 10.0),
+        "owt_tanh_peak": peak('owt', 'tanh', 1.0),
     }
+    doc, readme = " ".join(doc.split()), " ".join(readme.split())  # a quote may wrap across lines
     for name, text in quoted.items():
         assert text in doc, f"docs/diagnose.md should quote {name} as {text!r}"
-    assert quoted["tanh_lr1"] in readme
+    for name in ("tanh_lr1", "owt_relu_peak", "skipped"):
+        assert quoted[name] in readme, f"README should quote {name} as {quoted[name]!r}"
     seconds = f"{result['seconds']:.0f} s"
     assert f"in {seconds} on" in readme, f"README should give the committed run's time, {seconds}"
