@@ -1,6 +1,7 @@
 """Where does training blow up? Short runs over learning rate x clipping x variant x activation.
 
-    python -m alexnet_jax.diagnose --config=configs/digits.py --workdir=DIR [--json]
+    python -m alexnet_jax.diagnose --config=configs/digits.py --workdir=DIR [--json] [--markdown]
+    python -m alexnet_jax.diagnose --from_json=DIR/diagnose.json [--workdir=OUT] [--markdown]
 
 For every (variant, activation) it compiles the real train step once and trains from the same initialisation,
 on the same batches, at every learning rate of the grid, with clipping off and on. Learning rate and clipping
@@ -11,12 +12,18 @@ Per run it reports learning_rate, clip_norm, variant, activation, max_grad_norm 
 the last 5 steps; a non-finite step makes it non-finite), skipped_steps (steps the guard refused), clip_fraction
 and exploded: some step had a non-finite loss, gradient or update, or the final loss ended above
 `--diverge_factor` (1.5) times the first step's (about chance level, ln 10, for an untrained net). A table goes
-to the console, DIR/diagnose.png plots the gradient norm against the step for every run, DIR/diagnose.json holds
-the per-step curves, and `--json` prints {"runs": [...], ...} as the last line.
+to the console (`--markdown`: as the Markdown table of docs/diagnose.md), DIR/diagnose.png plots the gradient
+norm against the step for every run, DIR/diagnose.json holds the setup, the machine, the run time and the
+per-step curves, and `--json` prints it without the curves as the last line. `--from_json` trains nothing: it
+redraws the plot and prints the table of a saved diagnose.json, so docs/diagnose.md is the output of the
+committed docs/diagnose.json (tests/test_diagnose.py checks that).
 """
 
 import json
 import math
+import os
+import platform
+import resource
 import sys
 import time
 
@@ -27,14 +34,18 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from alexnet_jax import config as config_lib
 from alexnet_jax import cli, metrics, optim, sharding, stability, storage, train
+from alexnet_jax import config as config_lib
 from alexnet_jax.data import pipeline, sources
+from alexnet_jax.diagnose_report import markdown, plot, summary, table
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for diagnose.png and diagnose.json.")
+flags.DEFINE_string("workdir", None, "Directory for diagnose.png and diagnose.json (with --from_json: for the "
+                    "redrawn plot; default: the JSON file's directory).")
 flags.DEFINE_bool("json", False, "Print the results as one JSON object on the last stdout line.")
+flags.DEFINE_bool("markdown", False, "Print the table as Markdown, with the line that says what ran where.")
+flags.DEFINE_string("from_json", None, "Train nothing: redraw the plot and print the table of this diagnose.json.")
 flags.DEFINE_list("learning_rates", ["0.01", "0.1", "1", "10"], "Learning-rate grid.")
 flags.DEFINE_list("variants", ["owt", "bn"], "Model variants.")
 flags.DEFINE_list("activations", ["relu", "tanh"], "model.activation values.")
@@ -43,7 +54,6 @@ flags.DEFINE_integer("steps", 40, "Steps per run.")
 flags.DEFINE_float("width", 0.125, "model.width for the runs (small: each run is only a probe).")
 flags.DEFINE_float("diverge_factor", 1.5, "A run exploded if a step was non-finite or its final loss is above "
                    "this x its first step's loss.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 FINAL_STEPS = 5  # final_loss averages this many last steps
 
@@ -101,68 +111,6 @@ def run_group(config, mesh, batches, learning_rates, clip_norms, diverge_factor:
     return runs
 
 
-def plot(runs: list[dict], path: str) -> None:
-    """One panel per (variant, activation): pre-clip gradient norm against step, log scale, a line per run
-    (colour: learning rate; solid: no clipping, dashed: clipped); x marks steps whose gradient was not finite."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = list(dict.fromkeys(r["variant"] for r in runs))
-    activations = list(dict.fromkeys(r["activation"] for r in runs))
-    learning_rates = sorted({r["learning_rate"] for r in runs})
-    colours = plt.cm.viridis(np.linspace(0, 0.9, len(learning_rates)))
-    fig, axes = plt.subplots(len(variants), len(activations), squeeze=False, sharex=True,
-                             figsize=(5.5 * len(activations), 3.6 * len(variants)))
-    finite_max = max([g for r in runs for g in r["grad_norm_curve"] if math.isfinite(g)] or [1.0])
-    for i, variant in enumerate(variants):
-        for j, activation in enumerate(activations):
-            ax = axes[i][j]
-            for r in runs:
-                if (r["variant"], r["activation"]) != (variant, activation):
-                    continue
-                g = np.array(r["grad_norm_curve"])
-                steps = np.arange(1, len(g) + 1)
-                colour = colours[learning_rates.index(r["learning_rate"])]
-                style = "--" if r["clip_norm"] > 0 else "-"
-                label = f"lr {r['learning_rate']:g}" + (f", clip {r['clip_norm']:g}" if r["clip_norm"] > 0 else "")
-                ax.plot(steps, np.where(np.isfinite(g), g, np.nan), style, color=colour, label=label, lw=1.4)
-                bad = ~np.isfinite(g)
-                if bad.any():
-                    ax.plot(steps[bad], np.full(bad.sum(), finite_max * 3), "x", color=colour, ms=5)
-            ax.set_yscale("log")
-            ax.set_title(f"{variant}, {activation}")
-            ax.grid(True, which="major", alpha=0.3)
-            if j == 0:
-                ax.set_ylabel("grad norm (pre-clip)")
-            if i == len(variants) - 1:
-                ax.set_xlabel("step")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8, title="x: non-finite")
-    fig.tight_layout(rect=(0, 0, 0.85, 1))
-    with epath.Path(path).open("wb") as f:  # local or gs://
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-
-
-COLUMNS = ("variant", "activation", "learning_rate", "clip_norm", "clip_fraction", "max_grad_norm", "final_loss",
-           "skipped_steps", "exploded")
-
-
-def table(runs: list[dict]) -> str:
-    def cell(value):
-        if isinstance(value, bool):
-            return "YES" if value else "no"
-        if isinstance(value, float):
-            return f"{value:.3g}"
-        return str(value)
-
-    rows = [COLUMNS] + [tuple(cell(r[c]) for c in COLUMNS) for r in runs]
-    widths = [max(len(row[k]) for row in rows) for k in range(len(COLUMNS))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows)
-
-
 def _plain(value):
     """JSON-safe: non-finite floats become "nan"/"inf" strings, as in metrics.jsonl."""
     if isinstance(value, list):
@@ -170,8 +118,41 @@ def _plain(value):
     return metrics.plain(value) if isinstance(value, float) else value
 
 
-def diagnose(config, workdir: str, *, learning_rates, variants, activations, clip_norm: float, steps: int,
-             width: float, diverge_factor: float) -> dict:
+def _cpu() -> tuple[str, str]:
+    """The CPU's model name and its widest vector extension: XLA:CPU's kernels round differently at each
+    width, and a diverging run amplifies that, so an exploded run's numbers differ between machines."""
+    model, vector = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return model, vector
+    for line in info.splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            extensions = set(line.split(":", 1)[1].split())
+            vector = "AVX-512" if "avx512f" in extensions else "AVX2" if "avx2" in extensions else ""
+            break
+    return model, vector
+
+
+def machine() -> dict:
+    """Where the grid ran, and how busy the machine already was: a time means little without both."""
+    device = jax.devices()[0]
+    model, vector = _cpu()
+    return {"device": "CPU" if device.platform == "cpu" else f"{jax.device_count()} x {device.device_kind}",
+            "cpu": model, "vector": vector, "cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2),
+            "jax": jax.__version__}
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def diagnose(config, *, learning_rates, variants, activations, clip_norm: float, steps: int, width: float,
+             diverge_factor: float) -> list[dict]:
     mesh = sharding.mesh_for(config)
     batches = fixed_batches(config, mesh, steps)
     runs = []
@@ -183,20 +164,57 @@ def diagnose(config, workdir: str, *, learning_rates, variants, activations, cli
             logging.info("%s/%s: %d runs of %d steps in %.1f s", variant, activation, len(group), steps,
                          time.perf_counter() - start)
             runs += group
+    return runs
+
+
+def save(result: dict, workdir: str) -> str:
+    """DIR/diagnose.json (everything, curves included) and DIR/diagnose.png; returns the plot's path."""
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     png = storage.join(workdir, "diagnose.png")
-    plot(runs, png)
-    storage.write_text(storage.join(workdir, "diagnose.json"),
-                       json.dumps({"runs": [{k: _plain(v) for k, v in r.items()} for r in runs]}))
-    return {"runs": runs, "plot": png}
+    plot(result, png)
+    head = json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1)
+    runs = ",\n".join(json.dumps({k: _plain(v) for k, v in r.items()}) for r in result["runs"])
+    # One run a line: a rerun's diff reads run by run.
+    storage.write_text(storage.join(workdir, "diagnose.json"), f'{head[:-2]},\n "runs": [\n{runs}\n]}}\n')
+    return png
+
+
+def _report(result: dict, png: str) -> None:
+    """The table on stdout (only the Markdown block with --markdown, ready to paste into docs/diagnose.md)."""
+    if FLAGS.markdown:
+        print(markdown(result))
+        print(f"plot: {png}", file=sys.stderr)
+    else:
+        print(table(result["runs"]))
+        print((summary(result) + " " if "setup" in result else "") + f"Plot: {png}")
+
+
+def _from_json(path: str) -> int:
+    try:
+        result = json.loads(storage.read_bytes(path))
+        if not isinstance(result, dict) or not result.get("runs"):
+            raise ValueError("no runs in it")
+        workdir = FLAGS.workdir or os.path.dirname(path) or "."
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        png = storage.join(workdir, "diagnose.png")
+        plot(result, png)
+        _report(result, png)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"error: --from_json {path}: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     metrics.quiet_library_logs()
+    if FLAGS.from_json:
+        return _from_json(FLAGS.from_json)
     config = FLAGS.config
     try:
+        if config is None or not FLAGS.workdir:
+            raise config_lib.ConfigError("--config and --workdir are required (or --from_json=FILE)")
         learning_rates = [float(v) for v in FLAGS.learning_rates]
         if not learning_rates or not all(v > 0 and math.isfinite(v) for v in learning_rates):
             raise config_lib.ConfigError(f"--learning_rates must be positive numbers (got {FLAGS.learning_rates})")
@@ -211,16 +229,25 @@ def main(argv):
     except (ValueError, config_lib.ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    result = diagnose(config, FLAGS.workdir, learning_rates=learning_rates, variants=FLAGS.variants,
-                      activations=FLAGS.activations, clip_norm=FLAGS.clip_norm, steps=FLAGS.steps,
-                      width=FLAGS.width, diverge_factor=FLAGS.diverge_factor)
+    setup = {"config": config_flags.get_config_filename(FLAGS["config"]),
+             "overrides": {k: str(v) for k, v in config_flags.get_override_values(FLAGS["config"]).items()},
+             "source": config.data.source, "batch_size": config.batch_size, "image_size": config.data.image_size,
+             "variants": list(FLAGS.variants), "activations": list(FLAGS.activations),
+             "learning_rates": learning_rates, "clip_norm": FLAGS.clip_norm, "steps": FLAGS.steps,
+             "width": FLAGS.width, "diverge_factor": FLAGS.diverge_factor, "final_steps": FINAL_STEPS}
+    host = machine()  # the load average before this run adds its own
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    runs = diagnose(config, learning_rates=learning_rates, variants=FLAGS.variants, activations=FLAGS.activations,
+                    clip_norm=FLAGS.clip_norm, steps=FLAGS.steps, width=FLAGS.width,
+                    diverge_factor=FLAGS.diverge_factor)
     seconds = time.perf_counter() - start
-    print(table(result["runs"]))
-    print(f"{len(result['runs'])} runs of {FLAGS.steps} steps in {seconds:.0f} s; plot: {result['plot']}")
+    result = {"setup": setup, "machine": host, "seconds": round(seconds, 1),
+              "cpu_seconds": round(_cpu_seconds() - cpu_start, 1), "runs": runs}
+    png = save(result, FLAGS.workdir)
+    _report(result, png)
     if FLAGS.json:
-        runs = [{k: _plain(v) for k, v in r.items() if not k.endswith("_curve")} for r in result["runs"]]
-        print(json.dumps({"runs": runs, "plot": result["plot"], "seconds": round(seconds, 1)}))
+        runs = [{k: _plain(v) for k, v in r.items() if not k.endswith("_curve")} for r in runs]
+        print(json.dumps({**result, "runs": runs, "plot": png}))
     return 0
 
 
