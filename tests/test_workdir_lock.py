@@ -56,7 +56,8 @@ def _error_lines(text):
 
 def test_a_second_trainer_is_refused_and_the_first_finishes_intact(tmp_path):
     workdir = tmp_path / "run"
-    first = _start(workdir, "--config.num_train_steps=30")
+    # Long enough that the first is still training when the second, which needs seconds to start, is judged.
+    first = _start(workdir, "--config.num_train_steps=400")
     _wait_for(lambda: _training(workdir), first)
     holder = _record(workdir)
     assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
@@ -71,8 +72,8 @@ def test_a_second_trainer_is_refused_and_the_first_finishes_intact(tmp_path):
     out = first.communicate(timeout=600)[0]
     assert first.returncode == 0, out[-3000:]
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 31))  # one run's rows, once each
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["30"]
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 401))  # one run's rows, once each
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["400"]
     assert not (workdir / "LOCK").exists()  # released at the end
 
 
