@@ -79,13 +79,7 @@ class PreciseBatchNorm:
         self._passes = pipeline.RepeatedPasses(ds, train_source, kind="stats", **feed)
         moments = functools.partial(batch_moments, graphdef=_moments_graphdef(config.model),
                                         dtype=models.compute_dtype(config.model.dtype))
-        layout = sharding.classifier_layout(mesh, config.model.num_classes)
-
-        def moments_with_layout(params, batch_stats, images):
-            with models.fc_layout(*layout):
-                return moments(params, batch_stats, images)
-
-        self._moments = jax.jit(moments_with_layout,
+        self._moments = jax.jit(sharding.with_fc_layout(moments, mesh, config.model.num_classes),
                                 in_shardings=(model_shardings["params"], model_shardings["batch_stats"],
                                               sharding.batch_sharding(mesh)),
                                 out_shardings=sharding.replicated(mesh))

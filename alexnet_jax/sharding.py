@@ -204,6 +204,20 @@ class DevicePrefetch:
         self._local.close()
 
 
+def with_fc_layout(fn, mesh: Mesh, num_classes: int):
+    """`fn` (a functools.partial), traced with the model's classifier laid out for the mesh (classifier_layout)."""
+    from alexnet_jax import models  # local: models is the heavier import, and only tracing needs it
+
+    layout = classifier_layout(mesh, num_classes)
+
+    def traced(*args):
+        with models.fc_layout(*layout):
+            return fn(*args)
+
+    traced.__name__ = traced.__qualname__ = fn.func.__name__  # what profiles and HLO dumps call it
+    return traced
+
+
 def bytes_per_device(tree) -> int:
     """Bytes one device holds of a pytree of arrays or ShapeDtypeStructs with shardings (the largest share)."""
     total = 0

@@ -246,18 +246,6 @@ def evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=None, aband
             "eval_top5": float(totals["top5"]) / count, "eval_examples": int(count)}
 
 
-def _with_fc_layout(fn, mesh, num_classes: int):
-    """`fn`, traced with the model's classifier laid out for the mesh (sharding.classifier_layout)."""
-    layout = sharding.classifier_layout(mesh, num_classes)
-
-    def traced(*args):
-        with models.fc_layout(*layout):
-            return fn(*args)
-
-    traced.__name__ = traced.__qualname__ = fn.func.__name__  # what profiles and HLO dumps call it
-    return traced
-
-
 def model_shardings_of(state_shardings) -> dict:
     return {"params": state_shardings.params, "batch_stats": state_shardings.batch_stats}
 
@@ -274,13 +262,13 @@ def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
                              batch_sharding=sharding.batch_sharding(mesh),
                              ema_decay=float(optim.get(config.optim, "ema_decay")))
     step_fn = jax.jit(
-        _with_fc_layout(step, mesh, config.model.num_classes),
+        sharding.with_fc_layout(step, mesh, config.model.num_classes),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)
     model_shardings = model_shardings_of(state_shardings)
     evaluate_batch = functools.partial(eval_step, graphdef=eval_def, **eval_view_options(config))
-    eval_fn = jax.jit(_with_fc_layout(evaluate_batch, mesh, config.model.num_classes),
+    eval_fn = jax.jit(sharding.with_fc_layout(evaluate_batch, mesh, config.model.num_classes),
                       in_shardings=(model_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.replicated(mesh))
     return step_fn, eval_fn
