@@ -4,9 +4,11 @@ the multi-process flags of the commands that may run on several hosts."""
 import os
 import re
 import sys
+import threading
+import time
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
 EXIT_BAD_USAGE = 2
 
@@ -139,6 +141,31 @@ def run(main) -> None:
             return EXIT_BAD_USAGE
 
     app.run(main_with_usage_errors, flags_parser=parse_flags)
+
+
+def exit_leaving_stranded_threads(code: int, grace_s: float = 10.0) -> int:
+    """Returns `code` once the other non-daemon threads finish; if some are still running after `grace_s`,
+    exits with `code` at once instead (os._exit) rather than wait for them.
+
+    Why: when storage refuses a checkpoint write half-way, Orbax's later write phases run in non-daemon threads
+    that wait for a signal from the phase that failed; it never comes, and Python's exit would join them until
+    Orbax's coordination timeout (many minutes), after the error was already reported. Everything the trainer
+    owns was closed by then: what is skipped is only those threads (and atexit hooks)."""
+    deadline = time.monotonic() + grace_s
+    current = threading.current_thread()
+    others = [t for t in threading.enumerate() if t is not current and not t.daemon]
+    for thread in others:
+        # threading.Thread.join itself: subclasses (Orbax's) may raise from an override when the wait times out
+        threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
+    stranded = [t.name for t in others if t.is_alive()]
+    if not stranded:
+        return code
+    logging.warning("Exiting without waiting for %d stalled checkpoint-writer thread(s) (%s)", len(stranded),
+                    ", ".join(sorted(set(stranded))))
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def define_weights_flag() -> None:

@@ -75,7 +75,7 @@ def main(argv):
         return EXIT_BAD_CONFIG
     except checkpointing.CheckpointWriteFailed as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_CHECKPOINT_NOT_WRITTEN
+        return cli.exit_leaving_stranded_threads(EXIT_CHECKPOINT_NOT_WRITTEN)
     except checkpointing.CheckpointUnreadable as error:  # nothing was moved: the user decides
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -9,6 +9,7 @@ import json
 import logging as std_logging
 import math
 import sys
+import threading
 import time
 import types
 
@@ -306,6 +307,7 @@ def quiet_library_logs() -> None:
 
     logging.get_absl_handler().python_handler.addFilter(keep)
     sys.unraisablehook = _quiet_orbax_leftovers(sys.unraisablehook)
+    sys.excepthook = _quiet_late_reads(sys.excepthook)
 
 
 def _orbax_write_left_unread(record) -> bool:
@@ -325,11 +327,28 @@ def _quiet_orbax_leftovers(default):
     report in one line. Everything else still goes to `default`."""
 
     def hook(unraisable) -> None:
-        leftover_callback = (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
-                             and str(unraisable.exc_value) == "Event loop is closed")
+        leftover_callback = unraisable.object is None and _late_completion(unraisable.exc_value)
         code = getattr(unraisable.object, "cr_code", None)
         if leftover_callback or (code is not None and "/orbax/" in code.co_filename):
             return
         default(unraisable)
+
+    return hook
+
+
+def _late_completion(error) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _quiet_late_reads(default):
+    """The same late completions on the read side: when a restore fails (a file it may not read), the reads
+    still in flight complete into Orbax's closed loop, and TensorStore's C++ threads print each error through
+    PyErr_Print, i.e. sys.excepthook, beside the one line we report. Only that error, raised outside the main
+    thread, is dropped: an uncaught error of our own (the main thread's) still reaches `default`."""
+
+    def hook(kind, error, traceback) -> None:
+        if _late_completion(error) and threading.current_thread() is not threading.main_thread():
+            return
+        default(kind, error, traceback)
 
     return hook

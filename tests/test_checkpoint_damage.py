@@ -54,6 +54,31 @@ def _no_dac_works(path) -> bool:
         [*NO_DAC, "cat", str(path)], capture_output=True).returncode != 0
 
 
+def test_late_read_completions_printed_from_other_threads_are_dropped_and_nothing_else():
+    """Reads in flight when a restore fails complete into Orbax's closed event loop, and TensorStore's C++ threads
+    print each "Event loop is closed" through CPython's PyErr_Print (sys.excepthook). The same C path, taken here
+    through ctypes, from another thread is dropped; any other error, or that one on the main thread, is printed."""
+    script = textwrap.dedent("""
+        import ctypes, threading
+        from alexnet_jax import metrics
+
+        metrics.quiet_library_logs()
+
+        def print_as_c_does(message):  # PyRun_SimpleString reports its error with PyErr_Print
+            ctypes.pythonapi.PyRun_SimpleString(f"raise RuntimeError({message!r})".encode())
+
+        for message in ("Event loop is closed", "a real failure"):
+            thread = threading.Thread(target=print_as_c_does, args=(message,))
+            thread.start()
+            thread.join()
+        print_as_c_does("Event loop is closed")  # the main thread's own
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = [line for line in result.stderr.splitlines() if line.startswith("RuntimeError")]
+    assert printed == ["RuntimeError: a real failure", "RuntimeError: Event loop is closed"], result.stderr
+
+
 @pytest.mark.parametrize("which", ["every file of the newest", "its array data only", "every checkpoint"])
 def test_unreadable_checkpoint_stops_with_one_line_and_moves_nothing(run, which):
     checkpoints = run / "checkpoints"
@@ -71,10 +96,7 @@ def test_unreadable_checkpoint_stops_with_one_line_and_moves_nothing(run, which)
     [error] = _errors(result.stderr)
     assert "Permission denied" in error and "nothing was moved" in error, error
     assert any(f"{path}: Permission denied" in error for path in locked), error  # the very file
-    # TensorStore reads still in flight when a restore fails report to Orbax's event loop after it closed: "Event
-    # loop is closed" tracebacks printed from C++, which are not ours to silence. Nothing else may print one.
-    tracebacks = result.stderr.count("Traceback (most recent call last)")
-    assert tracebacks == result.stderr.count("RuntimeError: Event loop is closed"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert _entries(run) == before  # nothing moved aside, nothing trained
     assert (run / "metrics.jsonl").read_bytes() == history
 
