@@ -102,6 +102,16 @@ class ArrayRecordSource:
     def holds_pixels(self) -> bool:
         return self.manifest.get("encoding") == "raw"
 
+    @property
+    def uniform_pixels(self) -> tuple[int, int, int] | None:
+        """(N, N, the --resize short side) for raw records converted with --center_crop=N, else None: records
+        keep their pictures' shapes. Pictures smaller than --resize (never scaled up) are stored smaller; only
+        reading them tells, so a reader that relies on this checks each record it reads."""
+        region, short_side = self.manifest.get("center_crop"), self.manifest.get("resize")
+        if not (self.holds_pixels and region and short_side):
+            return None
+        return region, region, short_side
+
     def read_pixels(self, indices) -> dict:
         """A batch of raw records in one read (array_record's batched read): the pixels as views of the read
         bytes, no copy."""
