@@ -365,6 +365,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except ValueError as error:  # e.g. a TPU topology that has no such grid
         raise config_lib.ConfigError(str(error)) from None
     train_source, eval_source = _open_sources(config)
+    if config.data.get("device_crops", False):
+        height, width, _ = train_source.uniform_pixels
+        logging.info("data.device_crops: the train step cuts the %d px crops from the stored %dx%d pixels",
+                     config.data.image_size, width, height)
     steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
     total_steps = num_train_steps(config, len(train_source))
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
