@@ -208,3 +208,13 @@ def test_a_record_of_another_shape_stops_the_run_naming_it(tmp_path):
     source = sources.create_source(_config(path).data, "train", 2, 0)
     with pytest.raises(ValueError, match=r"data.device_crops: .*img_7.png.* is stored 60x50 at short side 50"):
         pipeline.train_dataset(source, **_kwargs())[0]
+
+
+def test_bench_loop_runs_with_device_crops():
+    result = run_cli("alexnet_jax.bench", "loop", "--json", "--device_crops", "--workers=0", "--steps=2",
+                     "--warmup=1", "--config.model.width=0.0625", "--config.batch_size=8",
+                     "--config.data.image_size=64", "--config.data.resize_size=72", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["device_crops"] is True and "72 px images, cropped on the device" in report["data"]
+    assert report["loop_img_per_s"] > 0 and report["skipped_steps"] == 0
