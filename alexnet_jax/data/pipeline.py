@@ -661,8 +661,9 @@ def train_dataset(source, *, global_batch_size: int, seed: int, image_size: int,
         ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None).map_with_index(StreamIndex())
         ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
         if device_crops:
-            problem = device_crop_problem(source, {"device_crops": True, "augment": augment, "source": "this",
-                                                   "image_size": image_size, "resize_size": resize_size})
+            problem = device_crop_problem(source, {"device_crops": True, "augment": augment,
+                                                   "source": type(source).__name__, "image_size": image_size,
+                                                   "resize_size": resize_size})
             if problem:
                 raise ValueError(problem)
             return ds.map(StoredPixels(source, tuple(source.uniform_pixels)))
