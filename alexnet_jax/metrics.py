@@ -46,7 +46,7 @@ class MetricsWriter:
         self._lines: list[str] = []  # gs:// only: the whole file
         self._uploaded_at, self._upload_secs, self._dirty = time.monotonic(), 0.0, False
         if enabled:
-            from tensorboardX import SummaryWriter  # heavy import, only the writing process pays it
+            SummaryWriter = _summary_writer_class()  # heavy import, only the writing process pays it
 
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             self._path = storage.join(workdir, METRICS_FILE)
@@ -217,6 +217,22 @@ class Throughput:
         steps_per_s = steps / seconds
         eta = (self._total - step) / steps_per_s if steps_per_s else float("inf")
         return self._batch * steps_per_s, eta
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch when it is installed
+    (guarded by `except ImportError`), only to accept torch tensors, which we never log: 1.3 s and a few hundred
+    MB at every trainer start on a machine with torch (e.g. for the PyTorch reference benchmark). While it
+    imports, `import torch` is made to fail; a torch already imported by the caller is left as it is."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def log_train(step: int, total: int, row: dict, eta: float) -> None:

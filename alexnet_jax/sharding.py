@@ -171,6 +171,12 @@ def host_to_global(local_batch: dict, mesh: Mesh) -> dict:
     mean loss does not see.
     """
     sharding = batch_sharding(mesh)
+    if mesh.devices.flat[0].platform == "cpu":
+        # A CPU jax.Array made from a numpy array may be that array's own memory; with grain workers, a shared-
+        # memory block, which then lives as long as XLA holds the array and is released on XLA's threads, maybe
+        # after the pipeline's close has waited for its blocks (reported as leaked at exit). A copy ends the
+        # block's life with the local batch; on accelerators the transfer is that copy.
+        local_batch = {k: np.array(v) for k, v in local_batch.items()}
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 

@@ -518,9 +518,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              compiling.seconds)
                 flops.per_step = utilization.step_flops(compiled_step)
             state, step_metrics = compiled_step(state, batch)
-            # On CPUs a device array may be the host batch's own memory (grain's shared memory, with workers):
-            # holding it past its step would keep that block alive until exit, reported as leaked there.
-            del batch
             step += 1
             if profile and step == profile[1]:
                 jax.block_until_ready(state)  # the trace must hold the device work, not just its dispatch

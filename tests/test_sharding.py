@@ -201,3 +201,16 @@ def test_summary_reports_the_compiled_steps_parallelism(parallelism):
     assert model_parallel["opt_state_bytes_per_device"] < data_parallel["opt_state_bytes_per_device"] / 2
     # ... so their gradients need no all-reduce across the model axis: far fewer bytes move.
     assert model_parallel["collective_bytes_per_step"] * 3 < data_parallel["collective_bytes_per_step"]
+
+
+def test_a_global_batch_on_cpu_owns_its_memory():
+    """On CPUs a jax.Array made from a numpy array may be that array's own memory. With grain workers the host
+    batch is a shared-memory block, which would then live for as long as XLA holds the device array and be freed
+    on XLA's threads, at times after the pipeline's close waited for its blocks ("leaked shared_memory" at exit):
+    the global batch is a copy, so the host batch's life ends with it."""
+    host = {"image": np.arange(48, dtype=np.uint8).reshape(4, 2, 2, 3), "label": np.arange(4, dtype=np.int32)}
+    batch = sharding.host_to_global(host, sharding.create_mesh())
+    for key, array in host.items():
+        np.testing.assert_array_equal(np.asarray(batch[key]), array)
+        pointers = {shard.data.unsafe_buffer_pointer() for shard in batch[key].addressable_shards}
+        assert array.ctypes.data not in pointers, key

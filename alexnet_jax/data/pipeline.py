@@ -583,8 +583,10 @@ class BatchIterator:
 
     `get_state`/`set_state` are the grain iterator's (the position in the batch stream)."""
 
-    def __init__(self, iterator, source, *, kind: str, start_step: int = 0, global_batch_size: int = 1):
+    def __init__(self, iterator, source, *, kind: str, start_step: int = 0, global_batch_size: int = 1,
+                 workers: int = 0):
         self._iterator = iterator
+        self._workers = workers  # batches from worker processes live in shared memory
         self._source = source
         self._kind = kind
         self._step = start_step  # global batch index of the next batch
@@ -635,7 +637,8 @@ class BatchIterator:
         close = getattr(self._iterator, "close", None)
         if close is not None:
             close()
-            _finish_shared_memory_release()
+            if self._workers:  # without workers there is no shared memory, and its wait costs a gc.collect()
+                _finish_shared_memory_release()
 
     def get_state(self):
         return self._iterator.get_state()
@@ -680,7 +683,7 @@ def train_batches(source, *, start_step: int = 0, workers: int = 0, worker_threa
     """Iterator over this process's local train batches, starting at global batch `start_step`."""
     iterator = _to_iterator(train_dataset(source, **kwargs)[start_step:], workers, worker_threads, worker_buffer)
     return BatchIterator(iterator, source, kind="train", start_step=start_step,
-                         global_batch_size=kwargs["global_batch_size"])
+                         global_batch_size=kwargs["global_batch_size"], workers=workers)
 
 
 def eval_dataset(source, *, global_batch_size: int, image_size: int, resize_size: int, eval_crops: int = 1,
@@ -701,7 +704,7 @@ def eval_dataset(source, *, global_batch_size: int, image_size: int, resize_size
 def eval_batches(source, *, workers: int = 0, worker_threads: int = 0, worker_buffer: int = 1,
                  **kwargs) -> BatchIterator:
     iterator = _to_iterator(eval_dataset(source, **kwargs), workers, worker_threads, worker_buffer)
-    return BatchIterator(iterator, source, kind="eval")
+    return BatchIterator(iterator, source, kind="eval", workers=workers)
 
 
 class RepeatedPasses:
@@ -713,7 +716,7 @@ class RepeatedPasses:
         self.batches_per_pass = len(ds)
         # The stream runs on into the next pass; the workers prefetch its first batches while training goes on.
         self._batches = BatchIterator(_to_iterator(ds.repeat(None), workers, worker_threads, worker_buffer), source,
-                                      kind=kind)
+                                      kind=kind, workers=workers)
 
     def __call__(self):
         for _ in range(self.batches_per_pass):

@@ -16,6 +16,9 @@ short side whose scale the pixels are at) when every stored array has that one s
 without reading the data, else None (the device cuts the crops of such sources: data.device_crops).
 """
 
+import importlib.util
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -32,19 +35,14 @@ class DigitsSource:
     """
 
     def __init__(self, split: str, image_size: int, split_seed: int = 0):
-        try:
-            from sklearn.datasets import load_digits  # optional dependency: only this source needs it
-        except ImportError:
-            raise ValueError('data.source="digits" needs scikit-learn: pip install -e ".[digits]"') from None
-
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        digits = load_digits()
-        order = np.random.default_rng(split_seed).permutation(len(digits.target))
+        images, targets = _load_digits()
+        order = np.random.default_rng(split_seed).permutation(len(targets))
         num_held_out = int(round(len(order) * HELD_OUT_FRACTION))
         keep = order[:num_held_out] if split == "eval" else order[num_held_out:]
-        self._images = np.round(digits.images[keep] * (255.0 / 16.0)).astype(np.uint8)
-        self._labels = digits.target[keep].astype(np.int32)
+        self._images = np.round(images[keep] * (255.0 / 16.0)).astype(np.uint8)
+        self._labels = targets[keep].astype(np.int32)
         self._image_size = image_size
         self._upscaled = None  # every image at image_size, made on the first batched read (in each worker)
         self.class_names = [str(d) for d in range(10)]
@@ -70,6 +68,23 @@ class DigitsSource:
         indices = np.asarray(indices, np.int64)
         return {"images": list(self._upscaled[indices]), "labels": self._labels[indices],
                 "short_sides": [None] * len(indices)}
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) of 0..16 floats, labels) of scikit-learn's digits. Read straight from the CSV file
+    that scikit-learn ships (what its load_digits reads): importing sklearn.datasets costs ~1.2 s at every start
+    of the digits demo and of each test run on it; load_digits is the fallback should the file move."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:  # optional dependency: only this source needs it
+        raise ValueError('data.source="digits" needs scikit-learn: pip install -e ".[digits]"')
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    if os.path.exists(path):
+        table = np.loadtxt(path, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target
 
 
 def upscale_gray(gray: np.ndarray, image_size: int) -> np.ndarray:
