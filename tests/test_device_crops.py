@@ -199,15 +199,36 @@ def test_what_the_sources_know_decides_the_refusal(records, tmp_path):
                                                               {**data, "device_crops": False}) is None
 
 
-def test_a_record_of_another_shape_stops_the_run_naming_it(tmp_path):
-    """A picture smaller than --resize is stored smaller (never scaled up): the manifest cannot tell, the read
-    does."""
+def test_pictures_smaller_than_resize_are_scaled_up_so_every_record_has_the_one_shape(tmp_path):
+    """With --center_crop a picture smaller than --resize is scaled up to it at conversion (the train view scales
+    it up anyway), so a dataset with small pictures in it still qualifies for device crops."""
     src = tmp_path / "pictures"
     _write_folder(str(src), [(80, 96)] * 7 + [(50, 60)])
     path = _convert(src, tmp_path / "raw", "--format=raw", f"--resize={RESIZE}", f"--center_crop={REGION}")
+    with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+        assert json.load(f)["shape"] == [REGION, REGION, 3]
     source = sources.create_source(_config(path).data, "train", 2, 0)
-    with pytest.raises(ValueError, match=r"data.device_crops: .*img_7.png.* is stored 60x50 at short side 50"):
-        pipeline.train_dataset(source, **_kwargs())[0]
+    read = source.read_pixels(np.arange(len(source)))
+    assert {image.shape for image in read["images"]} == {(REGION, REGION, 3)} and set(read["short_sides"]) == {RESIZE}
+    assert pipeline.device_crop_problem(source, _config(path).data) is None
+    assert pipeline.train_dataset(source, **_kwargs())[0]["image"].shape == (8, REGION, REGION, 3)
+
+
+def test_a_record_that_contradicts_its_manifest_stops_the_run_naming_it(tmp_path):
+    """Records of each picture's own shape under a manifest that claims one shape (hand-edited, or written by
+    another tool): the read tells, and names the record."""
+    src = tmp_path / "pictures"
+    _write_folder(str(src), [(80, 96)] * 7 + [(50, 60)])
+    path = _convert(src, tmp_path / "raw", "--format=raw", f"--resize={RESIZE}")
+    manifest_path = os.path.join(path, "manifest.json")
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    with open(manifest_path, "w", encoding="utf-8") as f:
+        json.dump({**manifest, "center_crop": 50, "shape": [50, 50, 3]}, f)
+    source = sources.create_source(_config(path, **{"data.image_size": 48}).data, "train", 2, 0)
+    with pytest.raises(ValueError, match=r"data.device_crops: .*img_\d.png.* is stored \d+x\d+ at short side None, "
+                                         r"not 50x50 at 73 as the records' manifest says"):
+        pipeline.train_dataset(source, **_kwargs(image_size=48))[0]
 
 
 def test_bench_loop_runs_with_device_crops():

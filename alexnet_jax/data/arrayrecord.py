@@ -104,13 +104,12 @@ class ArrayRecordSource:
 
     @property
     def uniform_pixels(self) -> tuple[int, int, int] | None:
-        """(N, N, the --resize short side) for raw records converted with --center_crop=N, else None: records
-        keep their pictures' shapes. Pictures smaller than --resize (never scaled up) are stored smaller; only
-        reading them tells, so a reader that relies on this checks each record it reads."""
-        region, short_side = self.manifest.get("center_crop"), self.manifest.get("resize")
-        if not (self.holds_pixels and region and short_side):
+        """(N, N, the --resize short side) for raw records converted with --resize and --center_crop=N, whose
+        manifest says every record is N x N ("shape"); else None: records keep their pictures' shapes."""
+        shape, short_side = self.manifest.get("shape"), self.manifest.get("resize")
+        if not (self.holds_pixels and shape and short_side):
             return None
-        return region, region, short_side
+        return shape[0], shape[1], short_side
 
     def read_pixels(self, indices) -> dict:
         """A batch of raw records in one read (array_record's batched read): the pixels as views of the read

@@ -155,9 +155,9 @@ class StoredPixels(grain.transforms.Map):
 
     One batched read, one copy into the batch array; "position" is each example's global stream position
     (uint32: it wraps after 2**32 examples), which the step's crop offsets are drawn from
-    (transforms.device_crop_offsets). Every array must be the source's `uniform_pixels` shape at its scale; a
-    record that is not (a picture smaller than the conversion's --resize) stops the run naming it, since cutting
-    it to that shape here would change which crops it can give."""
+    (transforms.device_crop_offsets). Every array must be the source's `uniform_pixels` shape at its scale (the
+    converter's manifest vouches for it); a record that is not stops the run naming it, since cutting it to that
+    shape here would change which crops it can give."""
 
     source: object
     shape: tuple  # (height, width, short side of the scale the pixels are at)
@@ -179,8 +179,8 @@ class StoredPixels(grain.transforms.Map):
             name = self.source.name(int(indices[k])) if hasattr(self.source, "name") else f"example {indices[k]}"
             raise ValueError(
                 f"data.device_crops: {name} is stored {images[k].shape[1]}x{images[k].shape[0]} at short side "
-                f"{read['short_sides'][k]}, not {width}x{height} at {short_side} like the rest (a picture smaller "
-                "than the conversion's --resize): set data.device_crops=False") from None
+                f"{read['short_sides'][k]}, not {width}x{height} at {short_side} as the records' manifest says: "
+                "convert them again, or set data.device_crops=False") from None
         return {"image": out, "label": np.asarray(read["labels"], np.int32),
                 "position": batch["position"].astype(np.uint32)}
 
@@ -203,7 +203,8 @@ def device_crop_problem(source, data_config) -> str | None:
     layout = getattr(source, "uniform_pixels", None)
     if layout is None:
         return ("data.device_crops needs records of one stored shape, and data.train_path holds raw records of each"
-                " picture's own shape (converted without --center_crop); they are refused rather than cut to one "
+                " picture's own shape (converted without --center_crop, or by a version that kept pictures smaller than"
+                " --resize at their size); they are refused rather than cut to one "
                 f"window on the host, which would change which crops can be drawn: convert with {convert}")
     height, width, short_side = layout
     if short_side != resize:
