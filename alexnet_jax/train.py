@@ -63,16 +63,25 @@ def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rate_fn, dropout_key, dtype,
                flip: bool, lighting_std: float, label_smoothing: float = 0.0, grad_accum_steps: int = 1,
-               batch_sharding=None, ema_decay: float = 0.0):
+               batch_sharding=None, ema_decay: float = 0.0, crop_key=None, crop_size: int = 0):
     """One optimizer step. Pure: (state, global batch) -> (new state, metrics); randomness is fold_in(key, step).
+
+    A batch with "position" holds stored pixels (data.device_crops): the step first cuts each example's
+    `crop_size` square at offsets drawn from fold_in(crop_key, its global stream position), so which crop an
+    example gets depends on the data seed and its place in the stream only.
 
     `tx` comes from `optim.create_optimizer`: clip threshold and learning-rate factor are scalars in its state.
     With grad_accum_steps = k > 1 the batch runs as k micro-batches in a scan (only one micro-batch's
     activations are alive at a time) and their mean gradient makes the one update; `batch_sharding` is how the
     batch is laid out, which each micro-batch keeps. Metrics are over the whole global batch either way."""
     flip_key, lighting_key, drop_key = jax.random.split(jax.random.fold_in(dropout_key, state.step), 3)
-    # Augment the whole batch before splitting it, so the images a step trains on do not depend on k.
-    images = transforms.random_flip(batch["image"], flip_key) if flip else batch["image"]
+    # Crop and augment the whole batch before splitting it, so the images a step trains on do not depend on k.
+    images = batch["image"]
+    if "position" in batch:
+        bounds = (images.shape[1] - crop_size + 1, images.shape[2] - crop_size + 1)
+        offsets = transforms.device_crop_offsets(crop_key, batch["position"], bounds)
+        images = transforms.device_crops(images, offsets, crop_size)
+    images = transforms.random_flip(images, flip_key) if flip else images
     if lighting_std > 0:
         images = transforms.pca_lighting(images, lighting_key, lighting_std)
     images, labels = transforms.normalize(images, dtype), batch["label"]
@@ -260,7 +269,8 @@ def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
                              label_smoothing=float(optim.get(config.optim, "label_smoothing")),
                              grad_accum_steps=int(optim.get(config.optim, "grad_accum_steps")),
                              batch_sharding=sharding.batch_sharding(mesh),
-                             ema_decay=float(optim.get(config.optim, "ema_decay")))
+                             ema_decay=float(optim.get(config.optim, "ema_decay")),
+                             crop_key=transforms.device_crop_key(config.seed), crop_size=int(config.data.image_size))
     step_fn = jax.jit(
         sharding.with_fc_layout(step, mesh, config.model.num_classes),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
@@ -315,6 +325,8 @@ def _open_sources(config):
         eval_source = sources.create_source(config.data, "eval", config.model.num_classes, config.seed)
     except ValueError as error:  # data that contradicts the config (labels, class lists): a config error
         raise config_lib.ConfigError(f"data: {error}") from None
+    if problem := pipeline.device_crop_problem(train_source, config.data):
+        raise config_lib.ConfigError(problem)
     return train_source, eval_source
 
 
@@ -353,6 +365,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except ValueError as error:  # e.g. a TPU topology that has no such grid
         raise config_lib.ConfigError(str(error)) from None
     train_source, eval_source = _open_sources(config)
+    if config.data.get("device_crops", False):
+        height, width, _ = train_source.uniform_pixels
+        logging.info("data.device_crops: the train step cuts the %d px crops from the stored %dx%d pixels",
+                     config.data.image_size, width, height)
     steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
     total_steps = num_train_steps(config, len(train_source))
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
@@ -415,6 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             train_source, start_step=step + recovery.batch_offset, **train_feed,
             global_batch_size=config.batch_size, seed=config.seed, image_size=config.data.image_size,
             resize_size=config.data.resize_size, augment=config.data.augment,
+            device_crops=bool(config.data.get("device_crops", False)),
             process_index=jax.process_index(), process_count=jax.process_count()),
             mesh, int(config.data.get("device_prefetch", 0)))
 

@@ -20,7 +20,9 @@ loop: `step`, then the train loop fed from the host, in the same process on the 
   compares one moment: the synthetic source (random pixels: no files, no decode) through
   pipeline.train_batches (crop, batching, --workers grain processes) and sharding.host_to_global into the same
   step. As in training, metrics are fetched one log step late (config log_every_steps), so the loop never waits
-  for the device. Reports step_img_per_s, loop_img_per_s (= img_per_s) and loop_to_step.
+  for the device. Reports step_img_per_s, loop_img_per_s (= img_per_s) and loop_to_step. --device_crops: the
+  synthetic pixels are stored at data.resize_size and shipped whole, and the step (bare and fed) cuts the crops
+  (data.device_crops), to compare with the host's crops.
 
 e2e: `loop` from JPEG files: --images JPEGs of ImageNet-like sizes (~500x375) in a temp ImageFolder (or an
   existing one, --data), read by the imagefolder source and decoded in the grain workers.
@@ -45,6 +47,7 @@ examples:
   python -m alexnet_jax.bench step --json --config.batch_size=128 --config.model.dtype=bfloat16
   python -m alexnet_jax.bench step --torch --config.batch_size=32 --config.model.dtype=float32
   python -m alexnet_jax.bench loop --workers=8
+  python -m alexnet_jax.bench loop --workers=8 --device_crops --config.data.resize_size=256
   python -m alexnet_jax.bench e2e --workers=8 --images=1024
   python -m alexnet_jax.bench pipeline --json
   python -m alexnet_jax.bench layers --torch --config.batch_size=32 --config.model.dtype=float32
@@ -73,6 +76,8 @@ def define_flags() -> None:
                          "this process; pipeline: default one per CPU).", lower_bound=0)
     flags.DEFINE_integer("images", 512, "JPEGs to write and read (e2e, pipeline).", lower_bound=1)
     flags.DEFINE_string("data", "", "Read an existing ImageFolder instead of written JPEGs (e2e, pipeline).")
+    flags.DEFINE_bool("device_crops", False, "loop: synthetic pixels stored at data.resize_size, shipped whole "
+                      "and cropped in the step (data.device_crops), instead of cut on the host.")
     flags.DEFINE_bool("torch", False, "step, layers: also time the same work in PyTorch in this process (needs "
                       "torch).")
 

@@ -16,9 +16,10 @@ from alexnet_jax.bench import common
 FLAGS = flags.FLAGS
 
 
-def build_step(config, total_steps: int):
+def build_step(config, total_steps: int, stored=None):
     """(mesh, fresh train state, AOT-compiled train step, init seconds, compile seconds): the state and the
-    step train.train_and_evaluate builds, compiled for this config's global batch."""
+    step train.train_and_evaluate builds, compiled for this config's global batch; `stored` (height, width):
+    for batches of stored pixels with their positions, which the step crops (data.device_crops)."""
     import jax
     import jax.numpy as jnp
 
@@ -35,9 +36,12 @@ def build_step(config, total_steps: int):
     init_s = time.perf_counter() - start
     step_fn, _ = train.compile_steps(config, mesh, tx, learning_rate_fn, state_shardings)
     size, batch_sharding = int(config.data.image_size), sharding.batch_sharding(mesh)
+    height, width = stored or (size, size)
     abstract_batch = {
-        "image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8, sharding=batch_sharding),
+        "image": jax.ShapeDtypeStruct((config.batch_size, height, width, 3), jnp.uint8, sharding=batch_sharding),
         "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding)}
+    if stored:
+        abstract_batch["position"] = jax.ShapeDtypeStruct((config.batch_size,), jnp.uint32, sharding=batch_sharding)
     start = time.perf_counter()
     compiled = step_fn.lower(abstract_state, abstract_batch).compile()
     return mesh, state, compiled, init_s, time.perf_counter() - start
@@ -122,26 +126,29 @@ def print_report(result: dict) -> None:
               f"{result['first_batch_s']:.2f} s  {device}")
 
 
-def _fixed_batch(config, mesh):
+def _fixed_batch(config, mesh, stored=None):
     import jax
 
     from alexnet_jax import sharding
 
     rng = np.random.default_rng(config.seed)
     local = config.batch_size // jax.process_count()
-    size = config.data.image_size
-    return sharding.host_to_global({
-        "image": rng.integers(0, 256, (local, size, size, 3), dtype=np.uint8),
-        "label": rng.integers(0, config.model.num_classes, (local,), dtype=np.int32)}, mesh)
+    height, width = stored or (config.data.image_size,) * 2
+    batch = {"image": rng.integers(0, 256, (local, height, width, 3), dtype=np.uint8),
+             "label": rng.integers(0, config.model.num_classes, (local,), dtype=np.int32)}
+    if stored:
+        batch["position"] = np.arange(jax.process_index() * local, (jax.process_index() + 1) * local, dtype=np.uint32)
+    return sharding.host_to_global(batch, mesh)
 
 
-def _bench_step(config, total_steps: int):
-    """Builds and times the bare step; returns (report without the fed run, mesh, state, compiled, flops)."""
+def _bench_step(config, total_steps: int, stored=None):
+    """Builds and times the bare step (on stored pixels it crops, given `stored`: see build_step); returns
+    (report without the fed run, mesh, state, compiled, flops)."""
     steps, warmup = FLAGS.steps, FLAGS.warmup
-    mesh, state, compiled, init_s, compile_s = build_step(config, total_steps)
+    mesh, state, compiled, init_s, compile_s = build_step(config, total_steps, stored)
     flops = common.step_flops(compiled)
     device = common.device_info()
-    batch = _fixed_batch(config, mesh)
+    batch = _fixed_batch(config, mesh, stored)
     log_every = max(1, int(config.log_every_steps))
     timings, state = time_steps(compiled, state, lambda: batch, steps=steps, warmup=warmup, log_every=log_every)
     report = {"compile_s": round(compile_s, 3), "init_s": round(init_s, 3), "steps": steps, "warmup": warmup,
@@ -176,7 +183,9 @@ def _fed_loop(bench: str, config, source, extra: dict) -> dict:
     from alexnet_jax.data import pipeline
 
     steps, warmup = FLAGS.steps, FLAGS.warmup
-    step_report, mesh, state, compiled, flops = _bench_step(config, 2 * (warmup + 2 * steps))
+    device_crops = bool(config.data.get("device_crops", False))
+    stored = tuple(source.uniform_pixels[:2]) if device_crops else None
+    step_report, mesh, state, compiled, flops = _bench_step(config, 2 * (warmup + 2 * steps), stored)
     feed = pipeline.feed_options(config.data, purpose="the fed loop", images=(warmup + 2 * steps + 1) *
                                  config.batch_size, global_batch_size=config.batch_size,
                                  process_count=jax.process_count())
@@ -184,7 +193,7 @@ def _fed_loop(bench: str, config, source, extra: dict) -> dict:
     batches = [pipeline.train_batches(
         source, **feed, global_batch_size=config.batch_size, seed=config.seed,
         image_size=config.data.image_size, resize_size=config.data.resize_size, augment=config.data.augment,
-        process_index=jax.process_index(), process_count=jax.process_count())]
+        device_crops=device_crops, process_index=jax.process_index(), process_count=jax.process_count())]
     first = [next(batches[0])]  # worker start-up and the first prefetch: reported apart, not in the timed steps
     first_batch_s = time.perf_counter() - start
 
@@ -207,19 +216,30 @@ def _fed_loop(bench: str, config, source, extra: dict) -> dict:
             "loop_to_step": round(fed["img_per_s"] / step_only["img_per_s"], 3),
             "step_mfu": step_only["mfu"], "step": step_only,
             **feed, "first_batch_s": round(first_batch_s, 3),
-            "resize_size": int(config.data.resize_size), "augment": config.data.augment, **extra, **common.host_info()}
+            "resize_size": int(config.data.resize_size), "augment": config.data.augment, "device_crops": device_crops,
+            **extra, **common.host_info()}
 
 
 def run_loop(config) -> dict:
-    from alexnet_jax.data import sources
+    from alexnet_jax.data import pipeline as pipeline_lib, sources
 
     config.data.source = "synthetic"
     if FLAGS.workers is not None:
         config.data.workers = FLAGS.workers
+    if FLAGS.device_crops:
+        config.data.device_crops = True
     common.validated(config)
-    source = sources.create_source(config.data, "train", config.model.num_classes, config.seed)
-    return _fed_loop("loop", config, source,
-                     {"data": f"synthetic source ({len(source)} random {config.data.image_size} px images)"})
+    if config.data.device_crops:
+        # Stored at the crop's scale, as raw records converted with --center_crop are: the device cuts the crops.
+        size = int(config.data.resize_size)
+        source = sources.SyntheticSource(config.data.synthetic_examples, size, config.model.num_classes, config.seed)
+        if problem := pipeline_lib.device_crop_problem(source, config.data):
+            raise common.UsageError(f"config: {problem}")
+        what = f"{size} px images, cropped on the device"
+    else:
+        source = sources.create_source(config.data, "train", config.model.num_classes, config.seed)
+        what = f"{config.data.image_size} px images"
+    return _fed_loop("loop", config, source, {"data": f"synthetic source ({len(source)} random {what})"})
 
 
 def run_e2e(config) -> dict:

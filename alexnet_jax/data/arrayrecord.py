@@ -102,6 +102,15 @@ class ArrayRecordSource:
     def holds_pixels(self) -> bool:
         return self.manifest.get("encoding") == "raw"
 
+    @property
+    def uniform_pixels(self) -> tuple[int, int, int] | None:
+        """(N, N, the --resize short side) for raw records converted with --resize and --center_crop=N, whose
+        manifest says every record is N x N ("shape"); else None: records keep their pictures' shapes."""
+        shape, short_side = self.manifest.get("shape"), self.manifest.get("resize")
+        if not (self.holds_pixels and shape and short_side):
+            return None
+        return shape[0], shape[1], short_side
+
     def read_pixels(self, indices) -> dict:
         """A batch of raw records in one read (array_record's batched read): the pixels as views of the read
         bytes, no copy."""

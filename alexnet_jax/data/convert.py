@@ -11,6 +11,8 @@ Every file is decoded (EXIF orientation applied, any mode to RGB), its short sid
 (never up; 0 keeps the size), and stored re-encoded as JPEG or as raw uint8 pixels, with its label and name.
 `--format=raw --center_crop=N` keeps only the central N x N pixels of the resized picture (smaller records; train
 crops then come from that region, at the whole picture's scale: the record keeps the picture's short side).
+There, pictures smaller than `--resize` are scaled up to it, as the train view would scale them anyway, so that
+every record is N x N (the manifest's "shape"): what `data.device_crops` needs.
 Files that do not decode are skipped, one line each naming the file, and listed in the manifest.
 
 `--src` and `--dst` may be gs:// URLs: a shard bound for gs:// is written to a local temporary file (the
@@ -70,7 +72,8 @@ def encode_example(data: bytes, resize: int, fmt: str, quality: int,
     from PIL import Image
     import io
 
-    pixels = decode.decode_resized(data, resize)
+    # With a central region every record gets the one N x N shape: small pictures are scaled up to --resize.
+    pixels = decode.decode_resized(data, resize, enlarge=bool(center_crop and resize))
     if fmt == "raw":
         short_side = None
         if center_crop:
@@ -261,6 +264,8 @@ def convert(args) -> dict:
         "encoding": args.format,
         "resize": args.resize,
         "center_crop": args.center_crop or None,
+        # every record's pixels, where they all have one shape (the central region of a --resize picture)
+        "shape": [args.center_crop, args.center_crop, 3] if args.center_crop and args.resize else None,
         "quality": args.quality if args.format == "jpeg" else None,
         "shards": [{k: s[k] for k in ("file", "num_records", "bytes", "sha256")} for s in shards],
         "skipped": skipped,

@@ -147,13 +147,13 @@ def decode_crop(data: bytes, plan: Callable[[int, int], Box], out_size: tuple[in
         return resample_box(image, box, out_size, data=data, orientation=orientation)
 
 
-def decode_resized(data: bytes, short_side: int) -> np.ndarray:
-    """The whole upright picture with its short side brought down to `short_side` (never up; 0 keeps the size),
-    RGB uint8. Raises BadImageError."""
+def decode_resized(data: bytes, short_side: int, enlarge: bool = False) -> np.ndarray:
+    """The whole upright picture with its short side brought down to `short_side` (up too with `enlarge`; 0
+    keeps the size), RGB uint8. Raises BadImageError."""
     with _bad_image_on_error():
         image, orientation = _open(data)
         width, height = upright_size(image, orientation)
-        if short_side <= 0 or min(width, height) <= short_side:
+        if short_side <= 0 or min(width, height) == short_side or (min(width, height) < short_side and not enlarge):
             return np.asarray(_decode_reduced(data, image, orientation, 1.0))
         scale = short_side / min(width, height)
         out = (max(short_side, round(width * scale)), max(short_side, round(height * scale)))

@@ -150,6 +150,75 @@ class BatchCrops(grain.transforms.Map):
 
 
 @dataclasses.dataclass(frozen=True)
+class StoredPixels(grain.transforms.Map):
+    """A local batch of a pixel source's stored arrays, whole, for the device to crop (data.device_crops).
+
+    One batched read, one copy into the batch array; "position" is each example's global stream position
+    (uint32: it wraps after 2**32 examples), which the step's crop offsets are drawn from
+    (transforms.device_crop_offsets). Every array must be the source's `uniform_pixels` shape at its scale (the
+    converter's manifest vouches for it); a record that is not stops the run naming it, since cutting it to that
+    shape here would change which crops it can give."""
+
+    source: object
+    shape: tuple  # (height, width, short side of the scale the pixels are at)
+
+    def map(self, batch):
+        indices = batch["index"]
+        read = self.source.read_pixels(indices)
+        height, width, short_side = self.shape
+        images = read["images"]
+        out = np.empty((len(images), height, width, 3), np.uint8)
+        try:
+            np.stack(images, out=out)
+            sides = read["short_sides"]
+            if any(side not in (None, short_side) for side in sides):
+                raise ValueError
+        except ValueError:
+            k = next(k for k, image in enumerate(images) if image.shape != (height, width, 3)
+                     or read["short_sides"][k] not in (None, short_side))
+            name = self.source.name(int(indices[k])) if hasattr(self.source, "name") else f"example {indices[k]}"
+            raise ValueError(
+                f"data.device_crops: {name} is stored {images[k].shape[1]}x{images[k].shape[0]} at short side "
+                f"{read['short_sides'][k]}, not {width}x{height} at {short_side} as the records' manifest says: "
+                "convert them again, or set data.device_crops=False") from None
+        return {"image": out, "label": np.asarray(read["labels"], np.int32),
+                "position": batch["position"].astype(np.uint32)}
+
+
+def device_crop_problem(source, data_config) -> str | None:
+    """Why data.device_crops cannot train on `source` (the train split), or None: the device cuts the alexnet
+    crop straight from the stored arrays, so they must be pixels of one shape at the crop's scale (what
+    BatchCrops cuts by a slice). Decided from what the source knows (its shape, a raw ArrayRecord manifest)."""
+    if not data_config.get("device_crops", False):
+        return None
+    augment, name = data_config["augment"], data_config["source"]
+    size, resize = int(data_config["image_size"]), int(data_config["resize_size"])
+    convert = f"python -m alexnet_jax.data.convert --format=raw --resize={resize} --center_crop={resize} ..."
+    if augment != "alexnet":
+        return (f"data.device_crops cuts the alexnet crop only, not data.augment={augment!r} (resampled on the "
+                "host): set data.augment=alexnet or data.device_crops=False")
+    if not getattr(source, "holds_pixels", False):
+        return (f"data.device_crops needs stored pixels, and data.source={name} holds encoded images (decoded on "
+                f"the host): convert them to raw records with {convert}")
+    layout = getattr(source, "uniform_pixels", None)
+    if layout is None:
+        return ("data.device_crops needs records of one stored shape, and data.train_path holds raw records of each"
+                " picture's own shape (converted without --center_crop, or by a version that kept pictures smaller than"
+                " --resize at their size); they are refused rather than cut to one "
+                f"window on the host, which would change which crops can be drawn: convert with {convert}")
+    height, width, short_side = layout
+    if short_side != resize:
+        fix = ("set data.resize_size=data.image_size (each crop is then the whole image)"
+               if name in ("digits", "synthetic") else f"set data.resize_size={short_side} or convert with {convert}")
+        return (f"data.device_crops needs the stored pixels at the crop's scale, and data.source={name} stores them "
+                f"at short side {short_side}, not data.resize_size={resize}: {fix}")
+    if min(height, width) < size:
+        return (f"data.device_crops: the stored {width}x{height} pixels are smaller than the {size} px crop: "
+                f"convert with {convert}")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalTransform(grain.transforms.Map):
     image_size: int
     resize_size: int
@@ -581,18 +650,27 @@ class BatchIterator:
 
 def train_dataset(source, *, global_batch_size: int, seed: int, image_size: int, resize_size: int,
                   augment: str = "alexnet", process_index: int = 0, process_count: int = 1,
-                  batch_reads: bool = True) -> grain.MapDataset:
+                  batch_reads: bool = True, device_crops: bool = False) -> grain.MapDataset:
     """An endless MapDataset of this process's local train batches; element b is its part of global batch b.
 
     alexnet crops of a source that holds pixels are read a batch per element (BatchCrops); batch_reads=False
-    maps one example per element instead, as for every other source and view (the same pixels, slower)."""
+    maps one example per element instead, as for every other source and view (the same pixels, slower).
+    device_crops=True ships such a source's stored arrays whole with their stream positions (StoredPixels) for
+    the train step to crop; see device_crop_problem for the sources that qualify."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     local = _local_batch_size(global_batch_size, process_count)
-    if batch_reads and augment == "alexnet" and getattr(source, "holds_pixels", False):
+    if device_crops or (batch_reads and augment == "alexnet" and getattr(source, "holds_pixels", False)):
         # The same shuffled stream as below (a shuffle permutes positions whatever its parent holds), as indices.
         ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None).map_with_index(StreamIndex())
         ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
+        if device_crops:
+            problem = device_crop_problem(source, {"device_crops": True, "augment": augment,
+                                                   "source": type(source).__name__, "image_size": image_size,
+                                                   "resize_size": resize_size})
+            if problem:
+                raise ValueError(problem)
+            return ds.map(StoredPixels(source, tuple(source.uniform_pixels)))
         return ds.map(BatchCrops(source, image_size, resize_size, seed))
     records = _records(source)
     ds = grain.MapDataset.source(records).shuffle(seed=seed).repeat(None)

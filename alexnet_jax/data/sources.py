@@ -11,7 +11,9 @@ workers, at the size the crop needs.
 Sources that hold pixels (digits, synthetic, raw ArrayRecord: `holds_pixels` true) also have
 `read_pixels(indices)`: a whole batch's stored pixels in one call ({"images": uint8 HWC arrays, "labels": int32,
 "short_sides": each record's picture short side or None}); the train pipeline reads a local batch at a time
-through it and cuts the crops straight into the batch array.
+through it and cuts the crops straight into the batch array. Their `uniform_pixels` is (height, width, the
+short side whose scale the pixels are at) when every stored array has that one shape, as the source knows it
+without reading the data, else None (the device cuts the crops of such sources: data.device_crops).
 """
 
 import importlib.util
@@ -46,6 +48,10 @@ class DigitsSource:
         self.class_names = [str(d) for d in range(10)]
 
     holds_pixels = True
+
+    @property
+    def uniform_pixels(self) -> tuple[int, int, int]:
+        return self._image_size, self._image_size, self._image_size
 
     def __len__(self):
         return len(self._labels)
@@ -104,6 +110,10 @@ class SyntheticSource:
         return self._num_examples
 
     holds_pixels = True
+
+    @property
+    def uniform_pixels(self) -> tuple[int, int, int]:
+        return self._image_size, self._image_size, self._image_size
 
     def __getitem__(self, index):
         rng = np.random.default_rng((self._seed, index))

@@ -185,3 +185,29 @@ def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
     """Mirror each image left-right with probability 1/2, on the device."""
     flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
     return jnp.where(flip, images[:, :, ::-1, :], images)
+
+
+# The device's alexnet train crop (data.device_crops): the host ships the stored pixels whole, at the crop's
+# scale, with each example's global stream position; the step cuts the image_size square at an offset drawn from
+# the position alone, so a step's images depend only on the seed and the global batch it consumes, whatever the
+# process, device or worker count. Its own stream of the seed: fold_in(key(seed), 1) is the step's dropout key.
+DEVICE_CROP_STREAM = 2
+
+
+def device_crop_key(seed: int) -> jax.Array:
+    """The key every device crop offset of a run is drawn from: the data seed's, not the dropout key."""
+    return jax.random.fold_in(jax.random.key(seed), DEVICE_CROP_STREAM)
+
+
+def device_crop_offsets(key: jax.Array, positions: jax.Array, bounds: tuple[int, int]) -> jax.Array:
+    """(N, 2) int32 (top, left) per example, uniform in [0, bounds[0]) x [0, bounds[1]), drawn from
+    fold_in(key, position): one example's offsets do not depend on which batch, process or device holds it."""
+    limits = jnp.asarray(bounds, jnp.int32)
+    return jax.vmap(lambda p: jax.random.randint(jax.random.fold_in(key, p), (2,), 0, limits))(positions)
+
+
+def device_crops(images: jax.Array, offsets: jax.Array, size: int) -> jax.Array:
+    """The `size` squares of NHWC `images` whose top-left corners are `offsets` ((N, 2) top, left)."""
+    channels = images.shape[-1]
+    return jax.vmap(lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (size, size, channels)))(
+        images, offsets)

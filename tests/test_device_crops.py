@@ -1,0 +1,241 @@
+"""data.device_crops: the host ships stored pixels whole with their global stream positions, and the train step
+cuts the alexnet crop itself. The crops are the host's slices of the same boxes, the compiled step trains on them
+as on host-cut crops, and a run is the same on any process, device or worker count, and after a resume."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import grain
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnet_jax import optim, sharding, train
+from alexnet_jax.data import convert, pipeline, sources, transforms
+from conftest import REASSOCIATION, REPO, run_cli, tiny_config
+from test_multiprocess import _free_port
+
+IMAGE, RESIZE, REGION = 64, 73, 70  # stored 70x70 at short side 73: offsets 0..6 each way
+
+
+def _write_folder(root, sizes) -> None:
+    """Smooth random pictures of the given (h, w) in two classes."""
+    rng = np.random.default_rng(0)
+    for k, (h, w) in enumerate(sizes):
+        folder = os.path.join(root, f"n0000000{k % 2}")
+        os.makedirs(folder, exist_ok=True)
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+        coarse.resize((w, h), Image.Resampling.BICUBIC).save(os.path.join(folder, f"img_{k}.png"))
+
+
+def _convert(src, dst, *options) -> str:
+    convert.convert(convert.parse_args([f"--src={src}", f"--dst={dst}", "--shards=2", "--workers=1", *options]))
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """Raw records of 16 pictures larger than --resize, each the central 70x70 of its 73 px short-side resize."""
+    src = tmp_path_factory.mktemp("pictures")
+    _write_folder(str(src), [(80, 96), (96, 80)] * 8)
+    return _convert(src, tmp_path_factory.mktemp("raw"), "--format=raw", f"--resize={RESIZE}",
+                    f"--center_crop={REGION}")
+
+
+def _config(records, **overrides):
+    return tiny_config("arrayrecord", **{"data.train_path": records, "data.eval_path": records,
+                                         "data.image_size": IMAGE, "data.resize_size": RESIZE,
+                                         "data.device_crops": True, "model.num_classes": 2, **overrides})
+
+
+def _kwargs(**overrides):
+    return {"global_batch_size": 8, "seed": 3, "image_size": IMAGE, "resize_size": RESIZE, "device_crops": True,
+            **overrides}
+
+
+def _take(iterator, n):
+    batches = [next(iterator) for _ in range(n)]
+    iterator.close()
+    return batches
+
+
+def test_the_device_crop_is_the_host_slice_of_the_same_box():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (12, 70, 75, 3), dtype=np.uint8)
+    positions = np.arange(1000, 1012, dtype=np.uint32)
+    key = transforms.device_crop_key(3)
+    bounds = (70 - IMAGE + 1, 75 - IMAGE + 1)
+    offsets = np.asarray(jax.jit(transforms.device_crop_offsets, static_argnums=2)(key, positions, bounds))
+    assert ((offsets >= 0) & (offsets < bounds)).all()
+    assert len({tuple(o) for o in offsets}) > 6, offsets  # the offsets do vary
+    # An example's offsets depend on its position alone, not on the rest of its batch.
+    np.testing.assert_array_equal(transforms.device_crop_offsets(key, positions[5:7], bounds), offsets[5:7])
+    crops = jax.jit(transforms.device_crops, static_argnums=2)(images, offsets, IMAGE)
+    np.testing.assert_array_equal(crops, np.stack([image[t:t + IMAGE, l:l + IMAGE]
+                                                   for image, (t, l) in zip(images, offsets)]))
+
+
+def test_the_host_ships_whole_stored_arrays_with_global_positions_on_any_worker_or_process_count(records):
+    source = sources.create_source(_config(records).data, "train", 2, 0)
+    single = _take(pipeline.train_batches(source, **_kwargs()), 4)
+    stream = grain.MapDataset.range(len(source)).shuffle(seed=3).repeat(None)  # the train stream's indices
+    for b, batch in enumerate(single):
+        assert batch["image"].shape == (8, REGION, REGION, 3) and batch["image"].dtype == np.uint8
+        np.testing.assert_array_equal(batch["position"], np.arange(8 * b, 8 * b + 8))
+        read = source.read_pixels([stream[p] for p in range(8 * b, 8 * b + 8)])
+        np.testing.assert_array_equal(batch["image"], np.stack(read["images"]))
+        np.testing.assert_array_equal(batch["label"], read["labels"])
+    workers = _take(pipeline.train_batches(source, workers=2, **_kwargs()), 4)
+    halves = [_take(pipeline.train_batches(source, process_index=p, process_count=2, **_kwargs()), 4)
+              for p in range(2)]
+    for b in range(4):
+        for key in ("image", "label", "position"):
+            np.testing.assert_array_equal(workers[b][key], single[b][key])
+            np.testing.assert_array_equal(np.concatenate([halves[0][b][key], halves[1][b][key]]), single[b][key])
+
+
+def _setup(config):
+    mesh = sharding.create_mesh(1)
+    lr_fn = optim.create_learning_rate_fn(config.optim, steps_per_epoch=2, num_train_steps=config.num_train_steps)
+    tx = train.create_optimizer(config.optim, lr_fn)
+    abstract = train.abstract_train_state(config, mesh, tx)
+    step_fn, _ = train.compile_steps(config, mesh, tx, lr_fn, jax.tree.map(lambda x: x.sharding, abstract))
+    return mesh, step_fn, lambda: train.create_train_state(config, tx, abstract)
+
+
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_the_compiled_step_trains_on_stored_pixels_as_on_the_host_cut_crops(records, grad_accum_steps):
+    """The trainer's own jitted step, fed the stored arrays and positions, gives the new params, BatchNorm
+    statistics and metrics it gives on the host's numpy slices of the same boxes; with micro-batches too (the
+    crop comes before the split)."""
+    config = _config(records, **{"optim.grad_accum_steps": grad_accum_steps, "batch_size": 8})
+    source = sources.create_source(config.data, "train", 2, 0)
+    local = next(iter(pipeline.train_dataset(source, **_kwargs(seed=config.seed))[1:]))
+    offsets = np.asarray(transforms.device_crop_offsets(transforms.device_crop_key(config.seed), local["position"],
+                                                        (REGION - IMAGE + 1, REGION - IMAGE + 1)))
+    assert len({tuple(o) for o in offsets}) > 2, offsets
+    host = {"image": np.stack([image[t:t + IMAGE, l:l + IMAGE] for image, (t, l) in zip(local["image"], offsets)]),
+            "label": local["label"]}
+    mesh, step_fn, fresh = _setup(config)
+    on_device, device_metrics = step_fn(fresh(), sharding.host_to_global(local, mesh))
+    on_host, host_metrics = step_fn(fresh(), sharding.host_to_global(host, mesh))
+    for got, want in ((on_device.params, on_host.params), (on_device.batch_stats, on_host.batch_stats),
+                      (device_metrics, host_metrics)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **REASSOCIATION),
+                     jax.device_get(got), jax.device_get(want))  # exact on the AVX2 machine it was written on
+    assert float(device_metrics["train_top1"]) == float(host_metrics["train_top1"])
+
+
+STEPS = 4
+
+
+def _train(workdir, records, processes: int, devices: int, *extra) -> list[str]:
+    """`processes` trainers of `devices` CPU devices each (over loopback when more than one); their outputs."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    command = [sys.executable, "-m", "alexnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
+               "--config.data.source=arrayrecord", f"--config.data.train_path={records}",
+               f"--config.data.eval_path={records}", f"--config.data.image_size={IMAGE}",
+               f"--config.data.resize_size={RESIZE}", "--config.data.device_crops=True", "--config.model.width=0.0625",
+               "--config.batch_size=8", f"--config.num_train_steps={STEPS}", "--config.log_every_steps=1",
+               f"--config.eval_every_steps={STEPS}", "--config.checkpoint_every_steps=2",
+               "--config.precise_bn_examples=0", "--config.model.dropout_rate=0.0", *extra]
+    cluster = lambda i: ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+                          f"--process_id={i}"] if processes > 1 else [])
+    port = _free_port()
+    procs = [subprocess.Popen([*command, *cluster(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    losses = {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}  # a resume rewrites its steps' rows
+    return [losses[s] for s in range(1, STEPS + 1)]
+
+
+def test_a_device_crop_run_is_the_same_on_any_topology_and_after_a_resume(records, tmp_path):
+    out = _train(tmp_path / "1x4", records, 1, 4)[0]
+    assert f"the train step cuts the {IMAGE} px crops from the stored {REGION}x{REGION} pixels" in out
+    _train(tmp_path / "2x2", records, 2, 2)
+    single, multi = _losses(tmp_path / "1x4"), _losses(tmp_path / "2x2")
+    assert multi == pytest.approx(single, rel=1e-5)
+    shutil.copytree(tmp_path / "1x4", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(STEPS))
+    out = _train(tmp_path / "resumed", records, 1, 4)[0]
+    assert f"Resumed from {tmp_path / 'resumed' / 'checkpoints'} at step 2" in out, out[-3000:]
+    assert _losses(tmp_path / "resumed") == single  # the same program on the same batches: exact
+
+
+def test_a_source_that_does_not_qualify_is_refused_in_one_line(records, tmp_path):
+    result = run_cli("alexnet_jax.main", "--config=configs/digits.py", f"--workdir={tmp_path / 'run'}",
+                     "--config.data.device_crops=True", "--config.data.resize_size=73")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert lines[-1].startswith("error: config: data.device_crops needs the stored pixels at the crop's scale")
+    assert "data.resize_size=data.image_size" in lines[-1] and "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_what_the_sources_know_decides_the_refusal(records, tmp_path):
+    src = tmp_path / "pictures"
+    _write_folder(str(src), [(80, 96), (96, 80)] * 2)
+    data = _config(records).data
+    problem = lambda path, **changes: pipeline.device_crop_problem(
+        sources.create_source(_config(path, **changes).data, "train", 2, 0), _config(path, **changes).data)
+    assert problem(records) is None
+    assert "--center_crop" in problem(_convert(src, tmp_path / "whole", "--format=raw", f"--resize={RESIZE}"))
+    assert "holds encoded images" in problem(_convert(src, tmp_path / "jpeg", f"--resize={RESIZE}"))
+    assert "data.augment='inception'" in problem(records, **{"data.augment": "inception"})
+    at_80 = problem(records, **{"data.resize_size": 80})
+    assert "short side 73, not data.resize_size=80" in at_80 and "data.resize_size=73" in at_80
+    assert data.device_crops and pipeline.device_crop_problem(sources.create_source(data, "train", 2, 0),
+                                                              {**data, "device_crops": False}) is None
+
+
+def test_pictures_smaller_than_resize_are_scaled_up_so_every_record_has_the_one_shape(tmp_path):
+    """With --center_crop a picture smaller than --resize is scaled up to it at conversion (the train view scales
+    it up anyway), so a dataset with small pictures in it still qualifies for device crops."""
+    src = tmp_path / "pictures"
+    _write_folder(str(src), [(80, 96)] * 7 + [(50, 60)])
+    path = _convert(src, tmp_path / "raw", "--format=raw", f"--resize={RESIZE}", f"--center_crop={REGION}")
+    with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+        assert json.load(f)["shape"] == [REGION, REGION, 3]
+    source = sources.create_source(_config(path).data, "train", 2, 0)
+    read = source.read_pixels(np.arange(len(source)))
+    assert {image.shape for image in read["images"]} == {(REGION, REGION, 3)} and set(read["short_sides"]) == {RESIZE}
+    assert pipeline.device_crop_problem(source, _config(path).data) is None
+    assert pipeline.train_dataset(source, **_kwargs())[0]["image"].shape == (8, REGION, REGION, 3)
+
+
+def test_a_record_that_contradicts_its_manifest_stops_the_run_naming_it(tmp_path):
+    """Records of each picture's own shape under a manifest that claims one shape (hand-edited, or written by
+    another tool): the read tells, and names the record."""
+    src = tmp_path / "pictures"
+    _write_folder(str(src), [(80, 96)] * 7 + [(50, 60)])
+    path = _convert(src, tmp_path / "raw", "--format=raw", f"--resize={RESIZE}")
+    manifest_path = os.path.join(path, "manifest.json")
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    with open(manifest_path, "w", encoding="utf-8") as f:
+        json.dump({**manifest, "center_crop": 50, "shape": [50, 50, 3]}, f)
+    source = sources.create_source(_config(path, **{"data.image_size": 48}).data, "train", 2, 0)
+    with pytest.raises(ValueError, match=r"data.device_crops: .*img_\d.png.* is stored \d+x\d+ at short side None, "
+                                         r"not 50x50 at 73 as the records' manifest says"):
+        pipeline.train_dataset(source, **_kwargs(image_size=48))[0]
+
+
+def test_bench_loop_runs_with_device_crops():
+    result = run_cli("alexnet_jax.bench", "loop", "--json", "--device_crops", "--workers=0", "--steps=2",
+                     "--warmup=1", "--config.model.width=0.0625", "--config.batch_size=8",
+                     "--config.data.image_size=64", "--config.data.resize_size=72", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["device_crops"] is True and "72 px images, cropped on the device" in report["data"]
+    assert report["loop_img_per_s"] > 0 and report["skipped_steps"] == 0
