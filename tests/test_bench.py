@@ -129,7 +129,8 @@ def test_layers_times_every_convolution_and_pool_beside_pytorch():
 
 PIPELINE_KEYS = ("pipeline_img_per_s", "pipeline_1worker_img_per_s", "pil_baseline_img_per_s",
                  "pil_baseline_parallel_img_per_s", "raw_records_1worker_img_per_s", "raw_records_img_per_s",
-                 "memcpy_gb_per_s", "raw_records_1worker_memcpy_fraction", "raw_records_memcpy_fraction")
+                 "memcpy_gb_per_s", "raw_records_1worker_memcpy_fraction", "raw_records_memcpy_fraction",
+                 "stored_pixels_1worker_img_per_s", "stored_pixels_1worker_memcpy_fraction")
 
 
 def test_pipeline_reports_jpeg_and_raw_record_rates_with_its_device():
@@ -152,6 +153,10 @@ def test_pipeline_reports_jpeg_and_raw_record_rates_with_its_device():
         assert report[f"raw_records_{n}memcpy_fraction"] == pytest.approx(
             report[f"raw_records_{n}img_per_s"] * report["raw_record_bytes"] / (report["memcpy_gb_per_s"] * 1e9),
             rel=0.02, abs=1e-4)
+    # --center_crop records at short side 72 are 72 x 72 x 3 each, shipped whole
+    assert report["stored_pixel_bytes"] == 72 * 72 * 3
+    assert report["stored_pixels_1worker_memcpy_fraction"] == pytest.approx(
+        report["stored_pixels_1worker_img_per_s"] * 72 * 72 * 3 / (report["memcpy_gb_per_s"] * 1e9), rel=0.02, abs=1e-4)
     assert report["device"] in lines[0] and "load average" in lines[0]
 
 

@@ -68,16 +68,19 @@ def pil_baseline_parallel(paths: list[str], image_size: int, resize_size: int, p
 
 
 def pipeline_throughput(source, *, workers: int, batch_size: int, images: int, image_size: int, resize_size: int,
-                        augment: str = "alexnet", worker_threads: int = 0, worker_buffer: int = 1) -> dict:
+                        augment: str = "alexnet", worker_threads: int = 0, worker_buffer: int = 1,
+                        device_crops: bool = False) -> dict:
     """img/s and CPU ms/img of the train pipeline over `images` images, after its first batch (worker start-up,
-    imports and the first prefetch are not counted)."""
+    imports and the first prefetch are not counted). device_crops: the stored arrays shipped whole, as
+    data.device_crops ships them (the crop is then the device's work, not timed here)."""
     import multiprocessing
 
     from alexnet_jax.data import pipeline
 
     batches = pipeline.train_batches(source, workers=workers, worker_threads=worker_threads,
                                      worker_buffer=worker_buffer, global_batch_size=batch_size, seed=0,
-                                     image_size=image_size, resize_size=resize_size, augment=augment)
+                                     image_size=image_size, resize_size=resize_size, augment=augment,
+                                     device_crops=device_crops)
     next(batches)
     children = [p.pid for p in multiprocessing.active_children()]
     steps = max(1, images // batch_size)
@@ -85,7 +88,8 @@ def pipeline_throughput(source, *, workers: int, batch_size: int, images: int, i
     for _ in range(steps):
         batch = next(batches)
     wall, cpu = time.perf_counter() - start, common.cpu_now(children) - cpu
-    assert batch["image"].shape == (batch_size, image_size, image_size, 3) and batch["image"].dtype == np.uint8
+    side = resize_size if device_crops else image_size
+    assert batch["image"].shape == (batch_size, side, side, 3) and batch["image"].dtype == np.uint8
     del batches
     return {"img_per_s": steps * batch_size / wall, "cpu_ms_per_img": 1000 * cpu / (steps * batch_size),
 }
@@ -106,19 +110,22 @@ def memcpy_gb_per_s(megabytes: int = 256, repeats: int = 5) -> float:
     return src.nbytes / best / 1e9
 
 
-def raw_records(paths: list[str], directory: str, resize_size: int):
-    """The files converted by `data.convert --format=raw --resize=resize_size` into one shard under
-    `directory`, opened as the arrayrecord source reads them. The files are linked into an ImageFolder first, so
-    the converter reads exactly the timed files."""
+def raw_records(paths: list[str], directory: str, resize_size: int, center_crop: int = 0):
+    """The files converted by `data.convert --format=raw --resize=resize_size [--center_crop=N]` into one shard
+    under `directory`, opened as the arrayrecord source reads them. The files are linked into an ImageFolder
+    first, so the converter reads exactly the timed files."""
     from alexnet_jax.data import arrayrecord, convert
 
-    src, dst = os.path.join(directory, "raw_src"), os.path.join(directory, "raw_records")
+    src, dst = os.path.join(directory, "raw_src"), os.path.join(directory, f"raw_records_{center_crop}")
     for i, path in enumerate(paths):
         folder = os.path.join(src, os.path.basename(os.path.dirname(path)))
         os.makedirs(folder, exist_ok=True)
-        os.symlink(os.path.abspath(path), os.path.join(folder, f"{i:06d}_{os.path.basename(path)}"))
+        link = os.path.join(folder, f"{i:06d}_{os.path.basename(path)}")
+        if not os.path.exists(link):
+            os.symlink(os.path.abspath(path), link)
+    crop = [f"--center_crop={center_crop}"] if center_crop else []
     convert.convert(convert.parse_args([f"--src={src}", f"--dst={dst}", "--shards=1", "--format=raw",
-                                        f"--resize={resize_size}", "--workers=1"]))
+                                        f"--resize={resize_size}", "--workers=1", *crop]))
     return arrayrecord.ArrayRecordSource(dst)
 
 
@@ -164,6 +171,11 @@ def run_pipeline(config) -> dict:
         raw = pipeline_throughput(records, workers=1, **raw_kwargs)
         print(f"raw records, {workers} workers ...", file=sys.stderr)
         raw_many = pipeline_throughput(records, workers=workers, **raw_kwargs)
+        print("stored pixels (--center_crop records, shipped whole for data.device_crops), 1 worker ...",
+              file=sys.stderr)
+        stored = pipeline_throughput(raw_records(paths, tmp, resize_size, center_crop=resize_size), workers=1,
+                                     device_crops=True, **raw_kwargs)
+        stored_bytes = resize_size * resize_size * 3
     print("memcpy, one core ...", file=sys.stderr)
     memcpy = memcpy_gb_per_s()
     result = {
@@ -179,6 +191,10 @@ def run_pipeline(config) -> dict:
         # the share of one core's copy bandwidth the raw pixels arrive at: 1 would be a single copy at memcpy speed
         "raw_records_1worker_memcpy_fraction": round(raw["img_per_s"] * raw_bytes / (memcpy * 1e9), 4),
         "raw_records_memcpy_fraction": round(raw_many["img_per_s"] * raw_bytes / (memcpy * 1e9), 4),
+        "stored_pixels_1worker_img_per_s": round(stored["img_per_s"], 1),
+        "stored_pixel_bytes": stored_bytes,
+        "stored_pixels_1worker_memcpy_fraction": round(stored["img_per_s"] * stored_bytes / (memcpy * 1e9), 4),
+        "stored_pixels_1worker_cpu_ms_per_img": round(stored["cpu_ms_per_img"], 3),
         "pipeline_cpu_ms_per_img": round(many["cpu_ms_per_img"], 3),
         "pipeline_1worker_cpu_ms_per_img": round(one["cpu_ms_per_img"], 3),
         "pil_baseline_cpu_ms_per_img": round(baseline["cpu_ms_per_img"], 3),
@@ -221,4 +237,8 @@ def run_pipeline(config) -> dict:
           f"{100 * result['raw_records_1worker_memcpy_fraction']:.1f}% of it with 1 worker, "
           f"{100 * result['raw_records_memcpy_fraction']:.1f}% with {workers} "
           f"({result['raw_record_bytes'] / 1024:.0f} KiB of pixels per record)")
+    print(f"stored pixels x1 {result['stored_pixels_1worker_img_per_s']:6.1f} img/s  "
+          f"{result['stored_pixels_1worker_cpu_ms_per_img']:.2f} CPU ms/img (1 worker, --center_crop records "
+          f"shipped whole for data.device_crops): "
+          f"{100 * result['stored_pixels_1worker_memcpy_fraction']:.1f}% of memcpy")
     return result
