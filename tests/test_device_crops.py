@@ -160,17 +160,17 @@ def _losses(workdir):
     return [losses[s] for s in range(1, STEPS + 1)]
 
 
-def test_a_device_crop_run_is_the_same_on_any_topology_and_after_a_resume(records, tmp_path):
-    out = _train(tmp_path / "1x4", records, 1, 4)[0]
+def test_a_device_crop_run_resumed_on_another_topology_trains_on_the_same_crops(records, tmp_path):
+    """2 processes x 2 devices write the step-2 checkpoint; 1 process x 4 devices resumes from it: its steps see
+    the crops the 2x2 run saw (the positions are global, the stream starts at the checkpoint's step), so the
+    losses are the uninterrupted 2x2 run's (float32 reassociation apart: another split of the same devices)."""
+    out = _train(tmp_path / "2x2", records, 2, 2)[0]
     assert f"the train step cuts the {IMAGE} px crops from the stored {REGION}x{REGION} pixels" in out
-    _train(tmp_path / "2x2", records, 2, 2)
-    single, multi = _losses(tmp_path / "1x4"), _losses(tmp_path / "2x2")
-    assert multi == pytest.approx(single, rel=1e-5)
-    shutil.copytree(tmp_path / "1x4", tmp_path / "resumed")
+    shutil.copytree(tmp_path / "2x2", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(STEPS))
     out = _train(tmp_path / "resumed", records, 1, 4)[0]
     assert f"Resumed from {tmp_path / 'resumed' / 'checkpoints'} at step 2" in out, out[-3000:]
-    assert _losses(tmp_path / "resumed") == single  # the same program on the same batches: exact
+    assert _losses(tmp_path / "resumed") == pytest.approx(_losses(tmp_path / "2x2"), rel=1e-5)
 
 
 def test_a_source_that_does_not_qualify_is_refused_in_one_line(records, tmp_path):

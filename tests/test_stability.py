@@ -219,15 +219,16 @@ def test_exploding_learning_rate_stops_with_exit_code_3_and_only_finite_checkpoi
 
 def test_healthy_run_logged_every_step_never_rolls_back(tmp_path):
     """Issue 11.10's run: digits at a constant 0.05 with a row per step rolled back three times in ~450 steps
-    on ordinary batch noise (single batches 6x the running median). 1,000 steps: not once."""
+    on ordinary batch noise (single batches 6x the running median). 500 steps (single losses up to ~28x the
+    median after step 100 here): not once."""
     workdir = tmp_path / "run"
     result = run_cli("alexnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
-                     "--config.num_train_steps=1000", "--config.log_every_steps=1", "--config.optim.schedule=constant",
-                     "--config.optim.learning_rate=0.05", "--config.eval_every_steps=1000")
+                     "--config.num_train_steps=500", "--config.log_every_steps=1", "--config.optim.schedule=constant",
+                     "--config.optim.learning_rate=0.05", "--config.eval_every_steps=500")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _rows(str(workdir))
     train_rows = [r for r in rows if "train_loss" in r]
-    assert [r["step"] for r in train_rows] == list(range(1, 1001))
+    assert [r["step"] for r in train_rows] == list(range(1, 501))
     losses = np.array([r["train_loss"] for r in train_rows[100:]])
     assert losses.max() > 5 * np.median(losses)  # the noise that used to fire is there...
     assert not any("rollback_reason" in r for r in rows) and train_rows[-1]["rollbacks"] == 0  # ...and ignored
