@@ -1,6 +1,7 @@
 """data.device_crops: the host ships stored pixels whole with their global stream positions, and the train step
-cuts the alexnet crop itself. The crops are the host's slices of the same boxes, the compiled step trains on them
-as on host-cut crops, and a run is the same on any process, device or worker count, and after a resume."""
+cuts the crop itself. alexnet crops are the host's slices of the same boxes; inception boxes follow the host's
+rules and are resampled as Pillow resamples them. The compiled step trains on them as on crops cut outside it,
+and a run is the same on any process, device or worker count, and after a resume."""
 
 import json
 import os
@@ -191,6 +192,29 @@ def test_the_compiled_step_trains_on_stored_pixels_as_on_the_host_cut_crops(reco
     assert float(device_metrics["train_top1"]) == float(host_metrics["train_top1"])
 
 
+def test_the_compiled_step_resamples_inception_crops_as_the_device_resample_outside_it(records):
+    """augment=inception: the trainer's jitted step, fed the stored arrays and positions, trains as on the crops
+    device_inception_crops gives outside it (resampled, not sliced), micro-batched after the crop."""
+    config = _config(records, **{"data.augment": "inception", "optim.grad_accum_steps": 2, "batch_size": 8})
+    source = sources.create_source(config.data, "train", 2, 0)
+    local = next(iter(pipeline.train_dataset(source, **_kwargs(seed=config.seed, augment="inception"))[1:]))
+    key = transforms.device_crop_key(config.seed)
+    boxes = np.asarray(transforms.device_inception_boxes(key, local["position"], (REGION, REGION)))
+    assert len({tuple(b[2:] - b[:2]) for b in boxes}) > 4, boxes  # box sizes vary: resampled, not slices
+    crops = np.asarray(jax.jit(transforms.device_inception_crops, static_argnums=3)(
+        local["image"], key, local["position"], IMAGE))
+    assert crops.shape == (8, IMAGE, IMAGE, 3) and crops.dtype == np.uint8
+    host = {"image": crops, "label": local["label"]}
+    mesh, step_fn, fresh = _setup(config)
+    on_device, device_metrics = step_fn(fresh(), sharding.host_to_global(local, mesh))
+    on_host, host_metrics = step_fn(fresh(), sharding.host_to_global(host, mesh))
+    for got, want in ((on_device.params, on_host.params), (on_device.batch_stats, on_host.batch_stats),
+                      (device_metrics, host_metrics)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **REASSOCIATION),
+                     jax.device_get(got), jax.device_get(want))
+    assert float(device_metrics["train_top1"]) == float(host_metrics["train_top1"])
+
+
 STEPS = 4
 
 
@@ -234,6 +258,15 @@ def test_a_device_crop_run_is_the_same_on_any_topology_and_after_a_resume(record
     assert _losses(tmp_path / "resumed") == single  # the same program on the same batches: exact
 
 
+def test_a_device_inception_run_trains_and_is_the_same_on_any_topology(records, tmp_path):
+    inception = "--config.data.augment=inception"
+    out = _train(tmp_path / "1x2", records, 1, 2, inception)[0]
+    assert f"the train step resamples the inception {IMAGE} px crops from the stored {REGION}x{REGION} pixels" in out
+    _train(tmp_path / "2x1", records, 2, 1, inception)
+    single, multi = _losses(tmp_path / "1x2"), _losses(tmp_path / "2x1")
+    assert np.isfinite(single).all() and multi == pytest.approx(single, rel=1e-5)
+
+
 def test_a_source_that_does_not_qualify_is_refused_in_one_line(records, tmp_path):
     result = run_cli("alexnet_jax.main", "--config=configs/digits.py", f"--workdir={tmp_path / 'run'}",
                      "--config.data.device_crops=True", "--config.data.resize_size=73")
@@ -250,10 +283,15 @@ def test_what_the_sources_know_decides_the_refusal(records, tmp_path):
     data = _config(records).data
     problem = lambda path, **changes: pipeline.device_crop_problem(
         sources.create_source(_config(path, **changes).data, "train", 2, 0), _config(path, **changes).data)
+    whole = _convert(src, tmp_path / "whole", "--format=raw", f"--resize={RESIZE}")
+    jpeg = _convert(src, tmp_path / "jpeg", f"--resize={RESIZE}")
     assert problem(records) is None
-    assert "--center_crop" in problem(_convert(src, tmp_path / "whole", "--format=raw", f"--resize={RESIZE}"))
-    assert "holds encoded images" in problem(_convert(src, tmp_path / "jpeg", f"--resize={RESIZE}"))
-    assert "data.augment='inception'" in problem(records, **{"data.augment": "inception"})
+    assert "--center_crop" in problem(whole)
+    assert "holds encoded images" in problem(jpeg)
+    # inception resamples a box of the whole stored array, as the host does: any one shape and scale will do.
+    inception = {"data.augment": "inception"}
+    assert problem(records, **inception) is None and problem(records, **inception, **{"data.resize_size": 80}) is None
+    assert "--center_crop" in problem(whole, **inception) and "holds encoded images" in problem(jpeg, **inception)
     at_80 = problem(records, **{"data.resize_size": 80})
     assert "short side 73, not data.resize_size=80" in at_80 and "data.resize_size=73" in at_80
     assert data.device_crops and pipeline.device_crop_problem(sources.create_source(data, "train", 2, 0),
