@@ -79,10 +79,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic_examples = 1024  # size of the `synthetic` source's train split (eval gets a quarter)
     c.data.augment = "alexnet"  # train crops: "alexnet" (short side resize_size, random image_size square) or
     # "inception" (random-resized crop: 8-100% of the area, aspect 3/4-4/3, resized to image_size)
-    # The alexnet train crop cut in the train step instead of on the host: the host ships each stored array whole
-    # and the device draws its offset from the example's global stream position (other crops than the host's
-    # draws, as reproducible). For pixels of one stored shape at the crop's scale: raw records converted with
-    # --resize=data.resize_size --center_crop (data/pipeline.py device_crop_problem). Off: today's batches.
+    # The train crop cut in the train step instead of on the host: the host ships each stored array whole and the
+    # device draws the crop from the example's global stream position (other crops than the host's draws, as
+    # reproducible): alexnet's square by a slice, inception's box resampled. For pixels of one stored shape (at
+    # the crop's scale for alexnet): raw records converted with --resize=data.resize_size --center_crop
+    # (data/pipeline.py device_crop_problem). Off: today's batches.
     c.data.device_crops = False
     c.data.lighting_std = 0.1  # AlexNet's PCA colour noise, on the device (0 disables)
     c.data.eval_crops = 1  # 1: centre crop; 10: the paper's four corners + centre and their mirrors, averaged
@@ -274,9 +275,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         problems.append(f"data.worker_buffer must be >= 1 (got {d.worker_buffer})")
     if d.augment not in pipeline.AUGMENTATIONS:
         problems.append(f"data.augment must be one of {', '.join(pipeline.AUGMENTATIONS)} (got {d.augment!r})")
-    if d.get("device_crops", False) and d.augment != "alexnet":
-        problems.append(f"data.device_crops cuts the alexnet crop only, not data.augment={d.augment!r} (resampled "
-                        "on the host): set data.augment=alexnet or data.device_crops=False")
     if not d.lighting_std >= 0:
         problems.append(f"data.lighting_std must be >= 0 (got {d.lighting_std})")
     if d.eval_crops not in pipeline.EVAL_CROPS:

@@ -63,12 +63,15 @@ def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rate_fn, dropout_key, dtype,
                flip: bool, lighting_std: float, label_smoothing: float = 0.0, grad_accum_steps: int = 1,
-               batch_sharding=None, ema_decay: float = 0.0, crop_key=None, crop_size: int = 0):
+               batch_sharding=None, ema_decay: float = 0.0, crop_key=None, crop_size: int = 0,
+               augment: str = "alexnet"):
     """One optimizer step. Pure: (state, global batch) -> (new state, metrics); randomness is fold_in(key, step).
 
     A batch with "position" holds stored pixels (data.device_crops): the step first cuts each example's
-    `crop_size` square at offsets drawn from fold_in(crop_key, its global stream position), so which crop an
-    example gets depends on the data seed and its place in the stream only.
+    `crop_size` crop, drawn from fold_in(crop_key, its global stream position), so which crop an example gets
+    depends on the data seed and its place in the stream only: `augment` "alexnet", a square at a uniform offset
+    (transforms.device_crop_offsets); "inception", a random-resized box resampled to the square
+    (transforms.device_inception_crops).
 
     `tx` comes from `optim.create_optimizer`: clip threshold and learning-rate factor are scalars in its state.
     With grad_accum_steps = k > 1 the batch runs as k micro-batches in a scan (only one micro-batch's
@@ -77,7 +80,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rate_fn
     flip_key, lighting_key, drop_key = jax.random.split(jax.random.fold_in(dropout_key, state.step), 3)
     # Crop and augment the whole batch before splitting it, so the images a step trains on do not depend on k.
     images = batch["image"]
-    if "position" in batch:
+    if "position" in batch and augment == "inception":
+        images = transforms.device_inception_crops(images, crop_key, batch["position"], crop_size)
+    elif "position" in batch:
         bounds = (images.shape[1] - crop_size + 1, images.shape[2] - crop_size + 1)
         offsets = transforms.device_crop_offsets(crop_key, batch["position"], bounds)
         images = transforms.device_crops(images, offsets, crop_size)
@@ -270,7 +275,8 @@ def compile_steps(config, mesh, tx, learning_rate_fn, state_shardings):
                              grad_accum_steps=int(optim.get(config.optim, "grad_accum_steps")),
                              batch_sharding=sharding.batch_sharding(mesh),
                              ema_decay=float(optim.get(config.optim, "ema_decay")),
-                             crop_key=transforms.device_crop_key(config.seed), crop_size=int(config.data.image_size))
+                             crop_key=transforms.device_crop_key(config.seed), crop_size=int(config.data.image_size),
+                             augment=config.data.augment)
     step_fn = jax.jit(
         sharding.with_fc_layout(step, mesh, config.model.num_classes),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
@@ -367,7 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_source, eval_source = _open_sources(config)
     if config.data.get("device_crops", False):
         height, width, _ = train_source.uniform_pixels
-        logging.info("data.device_crops: the train step cuts the %d px crops from the stored %dx%d pixels",
+        logging.info("data.device_crops: the train step %s %d px crops from the stored %dx%d pixels",
+                     "resamples the inception" if config.data.augment == "inception" else "cuts the",
                      config.data.image_size, width, height)
     steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
     total_steps = num_train_steps(config, len(train_source))

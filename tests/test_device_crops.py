@@ -1,6 +1,7 @@
 """data.device_crops: the host ships stored pixels whole with their global stream positions, and the train step
-cuts the alexnet crop itself. The crops are the host's slices of the same boxes, the compiled step trains on them
-as on host-cut crops, and a run is the same on any process, device or worker count, and after a resume."""
+cuts the crop itself. alexnet crops are the host's slices of the same boxes; inception boxes follow the host's
+rules and are resampled as Pillow resamples them. The compiled step trains on them as on crops cut outside it,
+and a run is the same on any process, device or worker count, and after a resume."""
 
 import json
 import os
@@ -79,6 +80,67 @@ def test_the_device_crop_is_the_host_slice_of_the_same_box():
                                                    for image, (t, l) in zip(images, offsets)]))
 
 
+def _noisy_picture(rng, h, w):
+    """Smooth shapes plus pixel noise: both the antialiasing filter's and the interpolation's errors show."""
+    coarse = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+    noise = rng.integers(-40, 41, (h, w, 3))
+    return np.clip(np.asarray(coarse, np.int64) + noise, 0, 255).astype(np.uint8)
+
+
+def test_the_device_resample_is_pillows_resample_of_the_same_box():
+    """jax's scale_and_translate, the box's corner mapped to 0 and its far corner to the output size, is the
+    host's Pillow resample (crop_box_array) to within Pillow's 8-bit rounding of its first pass: measured at most
+    1 grey level apart, 0.06-0.25 on average, shrinking (antialiased) up to 4x, enlarging up to 2x and both at
+    once, corners on and off the pixel grid."""
+    image = _noisy_picture(np.random.default_rng(2), 120, 150)
+    boxes = [(0, 0, 150, 120), (3.3, 5.7, 140.2, 116.1), (0.1, 0.2, 149.9, 119.7), (10.5, 20.25, 40.75, 50.5),
+             (70, 3, 101, 35), (5, 0, 20, 120), (12.5, 1.5, 148.25, 33.75), (2, 3, 66, 67)]
+    for size in (IMAGE, 32):
+        device = np.asarray(jax.jit(transforms.device_resample_boxes, static_argnums=2)(
+            np.stack([image] * len(boxes)), np.asarray(boxes, np.float32), size))
+        for box, got in zip(boxes, device):
+            diff = np.abs(got.astype(np.int64) - transforms.crop_box_array(image, box, size))
+            assert diff.max() <= 1 and diff.mean() < 0.3, (size, box, diff.max(), diff.mean())
+        if size == IMAGE:  # a box that is the output size on the pixel grid: the host's slice, exactly
+            np.testing.assert_array_equal(device[-1], image[3:67, 2:66])
+
+
+def test_the_device_inception_boxes_follow_the_host_rules_and_distribution():
+    key, n = transforms.device_crop_key(3), 4000
+    boxes_fn = jax.jit(transforms.device_inception_boxes, static_argnums=2)
+    height, width = 60, 200
+    device = np.asarray(boxes_fn(key, np.arange(n, dtype=np.uint32), (height, width)))
+    rng = np.random.default_rng(0)
+    host = np.array([transforms.inception_crop_box(width, height, rng) for _ in range(n)])
+    fallback = np.array(transforms.inception_fallback_box(width, height))
+
+    def stats(boxes):
+        w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+        drawn = ~(boxes == fallback).all(1)
+        w, h, left, top = w[drawn], h[drawn], boxes[drawn, 0], boxes[drawn, 1]
+        # Within the rules up to rounding each side to whole pixels: sides >= (0.08 * 60 * 200 * 3 / 4) ** 0.5
+        # = 26.8, so each is off by under 1.9%.
+        area, aspect = w * h / (height * width), w / h
+        assert (area >= 0.08 * 0.95).all() and (area <= 1).all(), area.min()
+        assert (aspect >= 3 / 4 * 0.96).all() and (aspect <= 4 / 3 / 0.96).all(), (aspect.min(), aspect.max())
+        placed = lambda offset, room: (offset / np.maximum(room, 1))[room > 0]
+        return np.array([1 - drawn.mean(), area.mean(), np.log(aspect).mean(), placed(left, width - w).mean(),
+                         placed(top, height - h).mean()])
+
+    # The same distribution: fallback rate (~5.7% for this shape), mean area, log-aspect and placement, within
+    # about 4 standard errors of 4000 draws each.
+    got, want = stats(device), stats(host)
+    assert (np.abs(got - want) <= [0.022, 0.012, 0.015, 0.03, 0.03]).all(), (got, want)
+    # An example's box depends on its position alone.
+    np.testing.assert_array_equal(boxes_fn(key, np.arange(5, 9, dtype=np.uint32), (height, width)), device[5:9])
+    # A picture no try fits (every box of 8% of its area is wider than it): the host's central clamped box.
+    thin = np.asarray(boxes_fn(key, np.arange(50, dtype=np.uint32), (200, 10)))
+    host_thin = transforms.inception_crop_box(10, 200, np.random.default_rng(0))
+    assert host_thin == transforms.inception_fallback_box(10, 200) == (0, 93, 10, 106)
+    np.testing.assert_array_equal(thin, np.tile(host_thin, (50, 1)))
+
+
 def test_the_host_ships_whole_stored_arrays_with_global_positions_on_any_worker_or_process_count(records):
     source = sources.create_source(_config(records).data, "train", 2, 0)
     single = _take(pipeline.train_batches(source, **_kwargs()), 4)
@@ -130,6 +192,29 @@ def test_the_compiled_step_trains_on_stored_pixels_as_on_the_host_cut_crops(reco
     assert float(device_metrics["train_top1"]) == float(host_metrics["train_top1"])
 
 
+def test_the_compiled_step_resamples_inception_crops_as_the_device_resample_outside_it(records):
+    """augment=inception: the trainer's jitted step, fed the stored arrays and positions, trains as on the crops
+    device_inception_crops gives outside it (resampled, not sliced), micro-batched after the crop."""
+    config = _config(records, **{"data.augment": "inception", "optim.grad_accum_steps": 2, "batch_size": 8})
+    source = sources.create_source(config.data, "train", 2, 0)
+    local = next(iter(pipeline.train_dataset(source, **_kwargs(seed=config.seed, augment="inception"))[1:]))
+    key = transforms.device_crop_key(config.seed)
+    boxes = np.asarray(transforms.device_inception_boxes(key, local["position"], (REGION, REGION)))
+    assert len({tuple(b[2:] - b[:2]) for b in boxes}) > 4, boxes  # box sizes vary: resampled, not slices
+    crops = np.asarray(jax.jit(transforms.device_inception_crops, static_argnums=3)(
+        local["image"], key, local["position"], IMAGE))
+    assert crops.shape == (8, IMAGE, IMAGE, 3) and crops.dtype == np.uint8
+    host = {"image": crops, "label": local["label"]}
+    mesh, step_fn, fresh = _setup(config)
+    on_device, device_metrics = step_fn(fresh(), sharding.host_to_global(local, mesh))
+    on_host, host_metrics = step_fn(fresh(), sharding.host_to_global(host, mesh))
+    for got, want in ((on_device.params, on_host.params), (on_device.batch_stats, on_host.batch_stats),
+                      (device_metrics, host_metrics)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **REASSOCIATION),
+                     jax.device_get(got), jax.device_get(want))
+    assert float(device_metrics["train_top1"]) == float(host_metrics["train_top1"])
+
+
 STEPS = 4
 
 
@@ -173,6 +258,15 @@ def test_a_device_crop_run_resumed_on_another_topology_trains_on_the_same_crops(
     assert _losses(tmp_path / "resumed") == pytest.approx(_losses(tmp_path / "2x2"), rel=1e-5)
 
 
+def test_a_device_inception_run_trains_and_is_the_same_on_any_topology(records, tmp_path):
+    inception = "--config.data.augment=inception"
+    out = _train(tmp_path / "1x2", records, 1, 2, inception)[0]
+    assert f"the train step resamples the inception {IMAGE} px crops from the stored {REGION}x{REGION} pixels" in out
+    _train(tmp_path / "2x1", records, 2, 1, inception)
+    single, multi = _losses(tmp_path / "1x2"), _losses(tmp_path / "2x1")
+    assert np.isfinite(single).all() and multi == pytest.approx(single, rel=1e-5)
+
+
 def test_a_source_that_does_not_qualify_is_refused_in_one_line(records, tmp_path):
     result = run_cli("alexnet_jax.main", "--config=configs/digits.py", f"--workdir={tmp_path / 'run'}",
                      "--config.data.device_crops=True", "--config.data.resize_size=73")
@@ -189,10 +283,15 @@ def test_what_the_sources_know_decides_the_refusal(records, tmp_path):
     data = _config(records).data
     problem = lambda path, **changes: pipeline.device_crop_problem(
         sources.create_source(_config(path, **changes).data, "train", 2, 0), _config(path, **changes).data)
+    whole = _convert(src, tmp_path / "whole", "--format=raw", f"--resize={RESIZE}")
+    jpeg = _convert(src, tmp_path / "jpeg", f"--resize={RESIZE}")
     assert problem(records) is None
-    assert "--center_crop" in problem(_convert(src, tmp_path / "whole", "--format=raw", f"--resize={RESIZE}"))
-    assert "holds encoded images" in problem(_convert(src, tmp_path / "jpeg", f"--resize={RESIZE}"))
-    assert "data.augment='inception'" in problem(records, **{"data.augment": "inception"})
+    assert "--center_crop" in problem(whole)
+    assert "holds encoded images" in problem(jpeg)
+    # inception resamples a box of the whole stored array, as the host does: any one shape and scale will do.
+    inception = {"data.augment": "inception"}
+    assert problem(records, **inception) is None and problem(records, **inception, **{"data.resize_size": 80}) is None
+    assert "--center_crop" in problem(whole, **inception) and "holds encoded images" in problem(jpeg, **inception)
     at_80 = problem(records, **{"data.resize_size": 80})
     assert "short side 73, not data.resize_size=80" in at_80 and "data.resize_size=73" in at_80
     assert data.device_crops and pipeline.device_crop_problem(sources.create_source(data, "train", 2, 0),

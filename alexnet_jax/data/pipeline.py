@@ -186,17 +186,16 @@ class StoredPixels(grain.transforms.Map):
 
 
 def device_crop_problem(source, data_config) -> str | None:
-    """Why data.device_crops cannot train on `source` (the train split), or None: the device cuts the alexnet
-    crop straight from the stored arrays, so they must be pixels of one shape at the crop's scale (what
-    BatchCrops cuts by a slice). Decided from what the source knows (its shape, a raw ArrayRecord manifest)."""
+    """Why data.device_crops cannot train on `source` (the train split), or None. The device crops straight from
+    the stored arrays, so they must be pixels of one shape; the alexnet crop is a slice, so they must also be at
+    the crop's scale (what BatchCrops cuts by a slice) and hold the crop. The inception crop resamples a box of the
+    whole stored array, as the host's does whatever the array's scale, so any size will do. Decided from what the
+    source knows (its shape, a raw ArrayRecord manifest)."""
     if not data_config.get("device_crops", False):
         return None
     augment, name = data_config["augment"], data_config["source"]
     size, resize = int(data_config["image_size"]), int(data_config["resize_size"])
     convert = f"python -m alexnet_jax.data.convert --format=raw --resize={resize} --center_crop={resize} ..."
-    if augment != "alexnet":
-        return (f"data.device_crops cuts the alexnet crop only, not data.augment={augment!r} (resampled on the "
-                "host): set data.augment=alexnet or data.device_crops=False")
     if not getattr(source, "holds_pixels", False):
         return (f"data.device_crops needs stored pixels, and data.source={name} holds encoded images (decoded on "
                 f"the host): convert them to raw records with {convert}")
@@ -207,6 +206,8 @@ def device_crop_problem(source, data_config) -> str | None:
                 " --resize at their size); they are refused rather than cut to one "
                 f"window on the host, which would change which crops can be drawn: convert with {convert}")
     height, width, short_side = layout
+    if augment == "inception":
+        return None
     if short_side != resize:
         fix = ("set data.resize_size=data.image_size (each crop is then the whole image)"
                if name in ("digits", "synthetic") else f"set data.resize_size={short_side} or convert with {convert}")

@@ -76,6 +76,9 @@ def center_crop_box(width: int, height: int, image_size: int, resize_size: int,
     return _box_in_original(width, height, rw, rh, (rw - image_size) // 2, (rh - image_size) // 2, image_size)
 
 
+INCEPTION_TRIES = 10  # random-resized boxes drawn before the central fallback
+
+
 def inception_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.08, 1.0),
                        ratio=(3 / 4, 4 / 3)) -> Box:
     """Szegedy et al.'s random-resized crop (torchvision's RandomResizedCrop.get_params): a box covering a
@@ -83,7 +86,7 @@ def inception_crop_box(width: int, height: int, rng: np.random.Generator, scale=
     the aspect ratio clamped into `ratio`. The caller resizes the box to the square output (aspect distorts)."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
+    for _ in range(INCEPTION_TRIES):
         target_area = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
         w = int(round(math.sqrt(target_area * aspect)))
@@ -92,6 +95,12 @@ def inception_crop_box(width: int, height: int, rng: np.random.Generator, scale=
             top = int(rng.integers(height - h + 1))
             left = int(rng.integers(width - w + 1))
             return (left, top, left + w, top + h)
+    return inception_fallback_box(width, height, ratio)
+
+
+def inception_fallback_box(width: int, height: int, ratio=(3 / 4, 4 / 3)) -> Box:
+    """The box `inception_crop_box` falls back to when no try fits: central, the whole picture with its aspect
+    ratio clamped into `ratio`."""
     in_ratio = width / height
     if in_ratio < ratio[0]:
         w, h = width, int(round(width / ratio[0]))
@@ -187,10 +196,13 @@ def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
     return jnp.where(flip, images[:, :, ::-1, :], images)
 
 
-# The device's alexnet train crop (data.device_crops): the host ships the stored pixels whole, at the crop's
-# scale, with each example's global stream position; the step cuts the image_size square at an offset drawn from
-# the position alone, so a step's images depend only on the seed and the global batch it consumes, whatever the
-# process, device or worker count. Its own stream of the seed: fold_in(key(seed), 1) is the step's dropout key.
+# The device's train crops (data.device_crops): the host ships the stored pixels whole with each example's global
+# stream position, and the step draws each example's crop from fold_in(device_crop_key(seed), position) alone, so
+# a step's images depend only on the seed and the global batch it consumes, whatever the process, device or worker
+# count. alexnet: the image_size square at a uniform offset of pixels stored at the crop's scale, a slice.
+# inception: inception_crop_box's distribution on the stored array, the box resampled as crop_box_array's Pillow
+# does it. Other crops than the host path's draws, as reproducible. Their own stream of the seed:
+# fold_in(key(seed), 1) is the step's dropout key.
 DEVICE_CROP_STREAM = 2
 
 
@@ -211,3 +223,57 @@ def device_crops(images: jax.Array, offsets: jax.Array, size: int) -> jax.Array:
     channels = images.shape[-1]
     return jax.vmap(lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (size, size, channels)))(
         images, offsets)
+
+
+def device_inception_boxes(key: jax.Array, positions: jax.Array, shape: tuple[int, int], scale=(0.08, 1.0),
+                           ratio=(3 / 4, 4 / 3)) -> jax.Array:
+    """(N, 4) int32 (left, top, right, bottom) per example in an array of `shape` (height, width), drawn as
+    inception_crop_box draws them: all its tries at once, the first that fits, else its central fallback.
+
+    From fold_in(key, position) split four ways (area, aspect, top, left): the alexnet offsets' fold of the same
+    key (a run uses one crop or the other), so an example's box does not depend on which batch, process or
+    device holds it. The fallback depends on the shape only and is inception_fallback_box's own."""
+    height, width = shape
+    fallback = jnp.asarray(inception_fallback_box(width, height, ratio), jnp.int32)
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+    def one(position):
+        area_key, aspect_key, top_key, left_key = jax.random.split(jax.random.fold_in(key, position), 4)
+        target = height * width * jax.random.uniform(area_key, (INCEPTION_TRIES,), jnp.float32, *scale)
+        aspect = jnp.exp(jax.random.uniform(aspect_key, (INCEPTION_TRIES,), jnp.float32, *log_ratio))
+        w = jnp.round(jnp.sqrt(target * aspect)).astype(jnp.int32)  # half to even, as Python's round
+        h = jnp.round(jnp.sqrt(target / aspect)).astype(jnp.int32)
+        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        # Drawn for every try (clipped so the bounds of a try that does not fit stay valid); one is kept.
+        top = jax.random.randint(top_key, (INCEPTION_TRIES,), 0, height - jnp.clip(h, 1, height) + 1)
+        left = jax.random.randint(left_key, (INCEPTION_TRIES,), 0, width - jnp.clip(w, 1, width) + 1)
+        k = jnp.argmax(fits)
+        box = jnp.stack([left[k], top[k], left[k] + w[k], top[k] + h[k]])
+        return jnp.where(fits.any(), box, fallback)
+
+    return jax.vmap(one)(positions)
+
+
+def device_resample_boxes(images: jax.Array, boxes: jax.Array, size: int) -> jax.Array:
+    """The `boxes` ((N, 4) left, top, right, bottom in pixels, corners need not be integers) of NHWC `images`
+    resampled to `size` squares, bilinear, antialiased when shrinking, rounded to uint8: crop_box_array's Pillow
+    resample on the device (Pillow rounds its first pass to 8 bits, this does not: a grey level apart at most,
+    measured in tests/test_device_crops.py)."""
+    channels = images.shape[-1]
+
+    def one(image, box):
+        left, top, right, bottom = box[0], box[1], box[2], box[3]
+        scale = jnp.stack([size / (bottom - top), size / (right - left)])
+        # scale_and_translate maps the input point y to y * scale + translation, pixel k spanning [k, k + 1] as in
+        # Pillow's box coordinates: the box's top-left corner goes to 0, its bottom-right to size.
+        translation = -jnp.stack([top, left]) * scale
+        out = jax.image.scale_and_translate(image.astype(jnp.float32), (size, size, channels), (0, 1), scale,
+                                            translation, method="linear", antialias=True)
+        return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
+
+    return jax.vmap(one)(images, boxes.astype(jnp.float32))
+
+
+def device_inception_crops(images: jax.Array, key: jax.Array, positions: jax.Array, size: int) -> jax.Array:
+    """The inception train view of NHWC stored pixels, on the device: device_inception_boxes resampled to `size`."""
+    return device_resample_boxes(images, device_inception_boxes(key, positions, images.shape[1:3]), size)
