@@ -169,6 +169,20 @@ def _setup(config):
     return mesh, step_fn, lambda: train.create_train_state(config, tx, abstract)
 
 
+def _assert_the_step_trains_alike(config, stored, cropped) -> None:
+    """The trainer's jitted step from the same fresh state on `stored` (pixels and positions, cropped inside it)
+    and on `cropped` (the crops made outside): the same params, BatchNorm statistics and metrics (exact on the
+    AVX2 machine the alexnet case was written on)."""
+    mesh, step_fn, fresh = _setup(config)
+    on_device, device_metrics = step_fn(fresh(), sharding.host_to_global(stored, mesh))
+    on_host, host_metrics = step_fn(fresh(), sharding.host_to_global(cropped, mesh))
+    for got, want in ((on_device.params, on_host.params), (on_device.batch_stats, on_host.batch_stats),
+                      (device_metrics, host_metrics)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **REASSOCIATION),
+                     jax.device_get(got), jax.device_get(want))
+    assert float(device_metrics["train_top1"]) == float(host_metrics["train_top1"])
+
+
 @pytest.mark.parametrize("grad_accum_steps", [1, 2])
 def test_the_compiled_step_trains_on_stored_pixels_as_on_the_host_cut_crops(records, grad_accum_steps):
     """The trainer's own jitted step, fed the stored arrays and positions, gives the new params, BatchNorm
@@ -182,14 +196,7 @@ def test_the_compiled_step_trains_on_stored_pixels_as_on_the_host_cut_crops(reco
     assert len({tuple(o) for o in offsets}) > 2, offsets
     host = {"image": np.stack([image[t:t + IMAGE, l:l + IMAGE] for image, (t, l) in zip(local["image"], offsets)]),
             "label": local["label"]}
-    mesh, step_fn, fresh = _setup(config)
-    on_device, device_metrics = step_fn(fresh(), sharding.host_to_global(local, mesh))
-    on_host, host_metrics = step_fn(fresh(), sharding.host_to_global(host, mesh))
-    for got, want in ((on_device.params, on_host.params), (on_device.batch_stats, on_host.batch_stats),
-                      (device_metrics, host_metrics)):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **REASSOCIATION),
-                     jax.device_get(got), jax.device_get(want))  # exact on the AVX2 machine it was written on
-    assert float(device_metrics["train_top1"]) == float(host_metrics["train_top1"])
+    _assert_the_step_trains_alike(config, local, host)
 
 
 def test_the_compiled_step_resamples_inception_crops_as_the_device_resample_outside_it(records):
@@ -205,14 +212,7 @@ def test_the_compiled_step_resamples_inception_crops_as_the_device_resample_outs
         local["image"], key, local["position"], IMAGE))
     assert crops.shape == (8, IMAGE, IMAGE, 3) and crops.dtype == np.uint8
     host = {"image": crops, "label": local["label"]}
-    mesh, step_fn, fresh = _setup(config)
-    on_device, device_metrics = step_fn(fresh(), sharding.host_to_global(local, mesh))
-    on_host, host_metrics = step_fn(fresh(), sharding.host_to_global(host, mesh))
-    for got, want in ((on_device.params, on_host.params), (on_device.batch_stats, on_host.batch_stats),
-                      (device_metrics, host_metrics)):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **REASSOCIATION),
-                     jax.device_get(got), jax.device_get(want))
-    assert float(device_metrics["train_top1"]) == float(host_metrics["train_top1"])
+    _assert_the_step_trains_alike(config, local, host)
 
 
 STEPS = 4
