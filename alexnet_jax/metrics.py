@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging as std_logging
 import math
-import queue
 import sys
 import threading
 import time
@@ -175,25 +174,18 @@ class Throughput:
     saves, the train step's compilation) is left out, so neither the rate nor the ETA jumps after one, and the
     first row's ETA is that of the steps, not of compiling them.
 
-    A window is timed to the moment its last step finishes on the device: `watch` hands the window to a thread
-    that waits for it (block_until_ready) and notes the time; `update` reads that time once the row has been
-    fetched. Timing the fetch goes wrong where rows are fetched one log step late and then caught up (before an
-    eval or a save, and at the end): when the host keeps pace with the device (multi-process runs), the
-    caught-up window was finished long before its fetch, which came at once after the previous row's (~1e5
-    img/s). So does timing it when the loop first sees it finished: while the loop waits for input, a finished
-    step goes unseen, and the next window got only the moments between that wait and its own end (1.3e6 img/s
-    on an input-bound run logging every step)."""
+    A window is timed to the moment its last step was first seen finished on the device: `poll` looks, without
+    waiting, after every dispatched step, and `update` at the latest once the row has been fetched. Timing the
+    fetch alone goes wrong where rows are fetched one log step late and then caught up (before an eval or a save,
+    and at the end): when the host keeps pace with the device (multi-process runs), the caught-up window was
+    finished long before its fetch, which came at once after the previous row's, and got a rate of ~1e5 img/s."""
 
     def __init__(self, global_batch_size: int, start_step: int, total_steps: int):
         self._batch = global_batch_size
         self._total = total_steps
         self._last = (start_step, time.perf_counter(), 0.0)  # (step, time, paused seconds so far) of the last row
         self._paused = 0.0
-        self._finished: dict[int, tuple[float, float]] = {}  # window's last step -> (time, paused) when it finished
-        self._done = threading.Condition()
-        self._watched: queue.SimpleQueue = queue.SimpleQueue()
-        # A daemon: it only ever waits on device arrays, and must not hold up the process's exit.
-        threading.Thread(target=self._wait_for_windows, name="throughput", daemon=True).start()
+        self._finished: dict[int, tuple[float, float]] = {}  # window's last step -> (time, paused) first seen done
 
     @contextlib.contextmanager
     def paused(self):
@@ -206,34 +198,19 @@ class Throughput:
             timer.seconds = time.perf_counter() - start
             self._paused += timer.seconds
 
-    def watch(self, step: int, window) -> None:
-        """`window`: the steps' metrics (on the device) of the log window ending at `step`; never waits."""
-        self._watched.put((step, [value for value in window[-1].values() if hasattr(value, "block_until_ready")]))
-
-    def _wait_for_windows(self) -> None:
-        while True:
-            step, arrays = self._watched.get()
-            if step is None:
-                return
-            try:
-                for array in arrays:
-                    array.block_until_ready()
-            except Exception:  # a failed step: the fetch raises it in the loop; the time noted is moot
-                pass
-            with self._done:
-                self._finished[step] = (time.perf_counter(), self._paused)
-                self._done.notify_all()
-
-    def close(self) -> None:
-        """Ends the watching thread (a rollback starts a new Throughput)."""
-        self._watched.put((None, []))
+    def poll(self, windows) -> None:
+        """`windows`: (last step, its steps' metrics, on the device) of the finished windows not yet reported.
+        Notes the time of each whose last step the device has finished; never waits."""
+        for step, window in windows:
+            if step in self._finished:
+                continue
+            if not all(value.is_ready() for value in window[-1].values() if hasattr(value, "is_ready")):
+                break  # steps finish in order: the later windows are not done either
+            self._finished[step] = (time.perf_counter(), self._paused)
 
     def update(self, step: int) -> tuple[float, float]:
-        """(images per second, ETA seconds) for the window ending at `step`, whose metrics have been fetched (so
-        its watch is over, or about to be: the thread needs the GIL to note it)."""
-        with self._done:
-            self._done.wait_for(lambda: step in self._finished, timeout=1.0)
-            now, paused = self._finished.pop(step, None) or (time.perf_counter(), self._paused)
+        """(images per second, ETA seconds) for the window ending at `step`, whose metrics have been fetched."""
+        now, paused = self._finished.pop(step, None) or (time.perf_counter(), self._paused)
         last_step, last_time, last_paused = self._last
         steps, seconds = step - last_step, max(now - last_time - (paused - last_paused), 1e-9)
         self._last = (step, now, paused)

@@ -537,11 +537,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 del step_metrics["layer_grad_norms"]  # computed for free, fetched only every layer_stats_every
             pending.append(step_metrics)
             if log_now:
-                throughput.watch(step, pending)  # timed when its steps are done, not when its row is fetched
                 ready, pending, last_log = [*ready, (step, pending)], [], step
                 now = time.perf_counter()
                 input_wait[step] = min(1.0, waited / max(now - window_clock - set_aside, 1e-9))
                 waited, set_aside, window_clock = 0.0, 0.0, now
+            throughput.poll(ready)  # a window is timed when its steps are done, not when its row is fetched
             # A stop request is honoured before an eval, so a preemption notice never waits for one.
             stop_reason = preemption.reason(step, log_now)
             evaluated = not stop_reason and (step % eval_every == 0 or last)
@@ -564,7 +564,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 window_clock = time.perf_counter()
                 batches.close()
                 batches = batches_from(step)
-                throughput.close()
                 throughput = metrics.Throughput(config.batch_size, step, total_steps)
                 if not stop_reason:
                     continue
@@ -606,7 +605,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _log_done(manager, workdir, step, best_metric)
     finally:
         preemption.close()
-        throughput.close()
         batches.close()
         eval_passes.close()
         if precise:
