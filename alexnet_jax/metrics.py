@@ -304,12 +304,22 @@ def orbax_chatter_dropped():
         logger.removeFilter(quiet)
 
 
+_library_logs_quiet = False
+
+
 def quiet_library_logs() -> None:
     """Orbax logs several INFO lines per save (and JAX one per missing backend) through absl: keep their
     warnings, drop the chatter, so our own progress lines stay readable. Orbax also warns on every read-only
     open (predict, evaluate), which is exactly what those commands ask for. A failed save is logged with its
     traceback by each of Orbax's threads it passes through (a dozen, then more as they shut down): the error
-    reaches us too and is reported once (checkpointing.CheckpointWriteFailed), so those are dropped."""
+    reaches us too and is reported once (checkpointing.CheckpointWriteFailed), so those are dropped.
+
+    Idempotent: cli.run calls it for every command and most commands' main again; the filter and the two hooks
+    are installed once per process."""
+    global _library_logs_quiet
+    if _library_logs_quiet:
+        return
+    _library_logs_quiet = True
     noisy = ("/orbax/", "/jax/_src/")
 
     def keep(record) -> bool:
