@@ -157,17 +157,21 @@ class StoredPixels(grain.transforms.Map):
     (uint32: it wraps after 2**32 examples), which the step's crop offsets are drawn from
     (transforms.device_crop_offsets). Every array must be the source's `uniform_pixels` shape at its scale (the
     converter's manifest vouches for it); a record that is not stops the run naming it, since cutting it to that
-    shape here would change which crops it can give."""
+    shape here would change which crops it can give. A source of one fixed shape by construction may offer
+    `read_pixels_into(indices, out) -> int32 labels`, which writes the pixels straight into the batch array."""
 
     source: object
     shape: tuple  # (height, width, short side of the scale the pixels are at)
 
     def map(self, batch):
         indices = batch["index"]
-        read = self.source.read_pixels(indices)
         height, width, short_side = self.shape
+        out = np.empty((len(indices), height, width, 3), np.uint8)
+        if hasattr(self.source, "read_pixels_into"):  # a fixed-shape layout reads straight into the batch
+            labels = self.source.read_pixels_into(indices, out)
+            return {"image": out, "label": labels, "position": batch["position"].astype(np.uint32)}
+        read = self.source.read_pixels(indices)
         images = read["images"]
-        out = np.empty((len(images), height, width, 3), np.uint8)
         try:
             np.stack(images, out=out)
             sides = read["short_sides"]
