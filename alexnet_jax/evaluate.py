@@ -60,7 +60,8 @@ EVAL_VIEW_KEYS = ("data.image_size", "data.resize_size", "data.eval_crops")
 
 def masked_predictions(model_vars: dict, batch: dict, *, graphdef, **view_options) -> jax.Array:
     """The argmax class of each row of a padded eval batch; -1 where `mask` marks a padding row."""
-    log_probs = train.eval_log_probs(model_vars, batch["image"], graphdef=graphdef, **view_options)
+    images = train.eval_images(batch, **view_options)
+    log_probs = train.eval_log_probs(model_vars, images, graphdef=graphdef, **view_options)
     return jnp.where(batch["mask"], jnp.argmax(log_probs, -1).astype(jnp.int32), -1)
 
 

@@ -45,10 +45,12 @@ def _moments_graphdef(model_config):
     return nnx.graphdef(model)
 
 
-def batch_moments(params: dict, batch_stats: dict, images: jax.Array, *, graphdef, dtype) -> dict:
-    """Per BN layer, this batch's {"mean": E[x], "mean_sq": E[x^2]} (float32), x being the layer's input."""
+def batch_moments(params: dict, batch_stats: dict, images: jax.Array, *, graphdef, dtype, image_size: int) -> dict:
+    """Per BN layer, this batch's {"mean": E[x], "mean_sq": E[x^2]} (float32), x being the layer's input, over
+    the eval view: the central image_size square (the images themselves, or stored pixels at the crop's scale
+    under data.device_crops)."""
     model = nnx.merge(graphdef, params, batch_stats)
-    model(transforms.normalize(images, dtype))
+    model(transforms.normalize(transforms.central_view(images, image_size), dtype))
     stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     return {layer: {"mean": s["mean"], "mean_sq": s["var"] + jnp.square(s["mean"])} for layer, s in stats.items()}
 
@@ -73,12 +75,14 @@ class PreciseBatchNorm:
         ds = pipeline.stats_dataset(
             train_source, num_examples=count, global_batch_size=config.batch_size, seed=config.seed,
             image_size=config.data.image_size, resize_size=config.data.resize_size,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            on_device=pipeline.eval_views_on_device(train_source, config.data, "BatchNorm-statistics"))
         feed = pipeline.feed_options(config.data, purpose="the BatchNorm statistics", images=count,
                                      global_batch_size=config.batch_size, process_count=jax.process_count())
         self._passes = pipeline.RepeatedPasses(ds, train_source, kind="stats", **feed)
         moments = functools.partial(batch_moments, graphdef=_moments_graphdef(config.model),
-                                        dtype=models.compute_dtype(config.model.dtype))
+                                        dtype=models.compute_dtype(config.model.dtype),
+                                        image_size=int(config.data.image_size))
         self._moments = jax.jit(sharding.with_fc_layout(moments, mesh, config.model.num_classes),
                                 in_shardings=(model_shardings["params"], model_shardings["batch_stats"],
                                               sharding.batch_sharding(mesh)),

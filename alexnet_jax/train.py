@@ -164,9 +164,18 @@ def eval_log_probs(model_vars: dict, images: jax.Array, *, graphdef, dtype, eval
     return jax.nn.log_softmax(apply(images))
 
 
+def eval_images(batch: dict, *, eval_crops: int = 1, image_size: int = 0, **_) -> jax.Array:
+    """The images of an eval batch (given eval_log_probs' options) as eval_log_probs takes them. Images larger
+    than the view are stored pixels at the crop's scale (data.device_crops, pipeline.device_eval_problem): the
+    view is their central image_size square; for ten crops the stored square is shipped whole, and is the
+    resize_size square."""
+    images = batch["image"]
+    return images if eval_crops == 10 or not image_size else transforms.central_view(images, image_size)
+
+
 def eval_step(model_vars: dict, batch: dict, *, graphdef, **view_options):
     """Sums (not means) over the real rows of a padded batch, so the totals are exact over the whole split."""
-    log_probs = eval_log_probs(model_vars, batch["image"], graphdef=graphdef, **view_options)
+    log_probs = eval_log_probs(model_vars, eval_images(batch, **view_options), graphdef=graphdef, **view_options)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
     top5 = jax.lax.top_k(log_probs, min(5, log_probs.shape[-1]))[1]
     return {
@@ -242,6 +251,7 @@ def evaluate(eval_fn, model_vars, eval_source, config, mesh, batches=None, aband
             eval_source, global_batch_size=eval_batch_size(config), image_size=config.data.image_size,
             resize_size=config.data.resize_size, eval_crops=config.data.eval_crops,
             process_index=jax.process_index(), process_count=jax.process_count(),
+            on_device=pipeline.eval_views_on_device(eval_source, config.data, "eval"),
             **pipeline.feed_options(config.data, purpose="eval", images=len(eval_source),
                                     global_batch_size=eval_batch_size(config), process_count=jax.process_count()))
         try:
@@ -446,6 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         eval_source, global_batch_size=eval_batch_size(config), image_size=config.data.image_size,
         resize_size=config.data.resize_size, eval_crops=config.data.eval_crops,
         process_index=jax.process_index(), process_count=jax.process_count(),
+        on_device=pipeline.eval_views_on_device(eval_source, config.data, "eval"),
         **pipeline.feed_options(config.data, purpose="eval", images=len(eval_source),
                                 global_batch_size=eval_batch_size(config), process_count=jax.process_count()))
     bn_examples = precise_bn.num_examples(config, len(train_source))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import optim, sharding, train
+from alexnet_jax import optim, precise_bn, sharding, train
 from alexnet_jax.data import convert, pipeline, sources, transforms
 from conftest import REASSOCIATION, REPO, run_cli, tiny_config
 from test_multiprocess import _free_port
@@ -160,43 +160,130 @@ def test_the_host_ships_whole_stored_arrays_with_global_positions_on_any_worker_
             np.testing.assert_array_equal(np.concatenate([halves[0][b][key], halves[1][b][key]]), single[b][key])
 
 
+def test_eval_and_statistics_batches_ship_stored_arrays_whose_central_view_is_the_host_view(records):
+    """Under data.device_crops the eval and BatchNorm-statistics sets ship the stored arrays whole, a batch per
+    read; their central image_size squares are the host's eval views pixel for pixel, with the same labels and
+    padding masks, on any worker or process count."""
+    config = _config(records)
+    source = sources.create_source(config.data, "eval", 2, 0)
+    assert pipeline.eval_views_on_device(source, config.data, "eval")
+    view = lambda batches: [{**b, "image": np.asarray(transforms.central_view(b["image"], IMAGE))} for b in batches]
+    common = {"global_batch_size": 6, "image_size": IMAGE, "resize_size": RESIZE}  # 16 examples, padded to 18
+    host = list(pipeline.eval_batches(source, **common))
+    stored = list(pipeline.eval_batches(source, on_device=True, **common))
+    assert [b["image"].shape for b in stored] == [(6, REGION, REGION, 3)] * 3
+    workers = list(pipeline.eval_batches(source, on_device=True, workers=2, **common))
+    halves = [list(pipeline.eval_batches(source, on_device=True, process_index=p, process_count=2, **common))
+              for p in range(2)]
+    assert [int(b["mask"].sum()) for b in host] == [6, 6, 4]
+    for b in range(3):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(view(stored)[b][key], host[b][key])
+            np.testing.assert_array_equal(workers[b][key], stored[b][key])
+            np.testing.assert_array_equal(np.concatenate([halves[0][b][key], halves[1][b][key]]), stored[b][key])
+    common = {"num_examples": 8, "global_batch_size": 4, "seed": 5, "image_size": IMAGE, "resize_size": RESIZE}
+    host = list(pipeline.stats_dataset(source, **common))
+    stored = list(pipeline.stats_dataset(source, on_device=True, **common))
+    assert len(stored) == 2 and stored[0]["image"].shape == (4, REGION, REGION, 3)
+    for want, got in zip(host, view(stored)):
+        np.testing.assert_array_equal(got["image"], want["image"])
+
+
+def test_views_the_device_cannot_cut_as_the_host_does_stay_on_the_host(records, tmp_path):
+    """Stored pixels that do not hold the eval view at the crop's scale (ten crops need the whole 73 px square;
+    another data.resize_size makes the view a resample), and encoded images, keep the host's eval views."""
+    config = _config(records)
+    source = sources.create_source(config.data, "eval", 2, 0)
+    assert pipeline.device_eval_problem(source, config.data) is None
+    assert "central 73 px square" in pipeline.device_eval_problem(source, _config(records, **{"data.eval_crops": 10}).data)
+    assert "short side 73" in pipeline.device_eval_problem(source, _config(records, **{"data.resize_size": 72}).data)
+    assert pipeline.device_eval_problem(source, _config(records, **{"data.device_crops": False}).data) == (
+        "data.device_crops is off")
+    folder = tmp_path / "pictures"
+    _write_folder(str(folder), [(80, 96)] * 2)
+    jpeg = sources.create_source(tiny_config("imagefolder", **{"data.train_path": str(folder)}).data, "train", 2, 0)
+    assert "encoded" in pipeline.device_eval_problem(jpeg, config.data)
+
+
 def _setup(config):
     mesh = sharding.create_mesh(1)
     lr_fn = optim.create_learning_rate_fn(config.optim, steps_per_epoch=2, num_train_steps=config.num_train_steps)
     tx = train.create_optimizer(config.optim, lr_fn)
     abstract = train.abstract_train_state(config, mesh, tx)
-    step_fn, _ = train.compile_steps(config, mesh, tx, lr_fn, jax.tree.map(lambda x: x.sharding, abstract))
-    return mesh, step_fn, lambda: train.create_train_state(config, tx, abstract)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    step_fn, eval_fn = train.compile_steps(config, mesh, tx, lr_fn, shardings)
+    return mesh, step_fn, eval_fn, shardings, lambda: train.create_train_state(config, tx, abstract)
 
 
-def _assert_the_step_trains_alike(config, stored, cropped) -> None:
-    """The trainer's jitted step from the same fresh state on `stored` (pixels and positions, cropped inside it)
-    and on `cropped` (the crops made outside): the same params, BatchNorm statistics and metrics (exact on the
-    AVX2 machine the alexnet case was written on)."""
-    mesh, step_fn, fresh = _setup(config)
-    on_device, device_metrics = step_fn(fresh(), sharding.host_to_global(stored, mesh))
-    on_host, host_metrics = step_fn(fresh(), sharding.host_to_global(cropped, mesh))
-    for got, want in ((on_device.params, on_host.params), (on_device.batch_stats, on_host.batch_stats),
-                      (device_metrics, host_metrics)):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **REASSOCIATION),
-                     jax.device_get(got), jax.device_get(want))
-    assert float(device_metrics["train_top1"]) == float(host_metrics["train_top1"])
+def _close(got, want) -> None:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **REASSOCIATION),
+                 jax.device_get(got), jax.device_get(want))
+
+
+def _assert_training_alike(config, stored, cropped) -> None:
+    """The trainer's jitted, donated step from the same fresh state, run over the `stored` batches (pixels and
+    positions, cropped inside it) and over the `cropped` ones (the crops made outside): the same params,
+    BatchNorm running averages and metrics at every step. Then the trained weights evaluate alike through the
+    compiled eval step whether its views are cut on the device from stored pixels or on the host, and the
+    recomputed BatchNorm statistics are the same either way."""
+    mesh, step_fn, eval_fn, shardings, fresh = _setup(config)
+    trained = []
+    for batches in (stored, cropped):
+        state, rows = fresh(), []
+        for batch in batches:
+            state, row = step_fn(state, sharding.host_to_global(batch, mesh))
+            rows.append(jax.device_get(row))
+        trained.append((state, rows))
+    (on_device, device_rows), (on_host, host_rows) = trained
+    _close(on_device.params, on_host.params)
+    _close(on_device.batch_stats, on_host.batch_stats)
+    for device_row, host_row in zip(device_rows, host_rows):
+        _close(device_row, host_row)
+        assert float(device_row["train_top1"]) == float(host_row["train_top1"])
+
+    host_config = _config(config.data.train_path, **{"data.device_crops": False, "model.variant": config.model.variant,
+                                                     "precise_bn_examples": config.precise_bn_examples,
+                                                     "batch_size": config.batch_size})
+    train_source = sources.create_source(config.data, "train", 2, 0)
+    eval_source = sources.create_source(config.data, "eval", 2, 0)
+    assert pipeline.device_eval_problem(eval_source, config.data) is None
+    model_vars = {"params": on_device.params, "batch_stats": on_device.batch_stats}
+    views = {}
+    for name, c in (("device", config), ("host", host_config)):
+        batches = pipeline.eval_batches(eval_source, global_batch_size=6, image_size=IMAGE, resize_size=RESIZE,
+                                        on_device=name == "device")  # 16 examples: the last batch is padded
+        views[name] = train.evaluate(eval_fn, model_vars, eval_source, c, mesh, batches=batches)
+        batches.close()
+    assert views["device"]["eval_examples"] == views["host"]["eval_examples"] == len(eval_source)
+    _close(views["device"], views["host"])
+    if config.model.variant == "bn":
+        statistics = []
+        for c in (config, host_config):
+            precise = precise_bn.PreciseBatchNorm(c, train_source, mesh, train.model_shardings_of(shardings),
+                                                  config.precise_bn_examples)
+            statistics.append(precise(on_device.params, on_device.batch_stats))
+            precise.close()
+        _close(*statistics)
+
+
+def _host_crops(batch, offsets) -> dict:
+    return {"image": np.stack([image[t:t + IMAGE, l:l + IMAGE] for image, (t, l) in zip(batch["image"], offsets)]),
+            "label": batch["label"]}
 
 
 @pytest.mark.parametrize("grad_accum_steps", [1, 2])
 def test_the_compiled_step_trains_on_stored_pixels_as_on_the_host_cut_crops(records, grad_accum_steps):
-    """The trainer's own jitted step, fed the stored arrays and positions, gives the new params, BatchNorm
-    statistics and metrics it gives on the host's numpy slices of the same boxes; with micro-batches too (the
-    crop comes before the split)."""
-    config = _config(records, **{"optim.grad_accum_steps": grad_accum_steps, "batch_size": 8})
+    """The trainer's own jitted step, fed the stored arrays and positions for three steps, trains as on the
+    host's numpy slices of the same boxes (params, BatchNorm statistics, metrics); with micro-batches too (the
+    crop comes before the split). The weights then evaluate alike from device-cut and host-cut views."""
+    config = _config(records, **{"optim.grad_accum_steps": grad_accum_steps, "batch_size": 8, "model.variant": "bn",
+                                 "precise_bn_examples": 16})
     source = sources.create_source(config.data, "train", 2, 0)
-    local = next(iter(pipeline.train_dataset(source, **_kwargs(seed=config.seed))[1:]))
-    offsets = np.asarray(transforms.device_crop_offsets(transforms.device_crop_key(config.seed), local["position"],
-                                                        (REGION - IMAGE + 1, REGION - IMAGE + 1)))
-    assert len({tuple(o) for o in offsets}) > 2, offsets
-    host = {"image": np.stack([image[t:t + IMAGE, l:l + IMAGE] for image, (t, l) in zip(local["image"], offsets)]),
-            "label": local["label"]}
-    _assert_the_step_trains_alike(config, local, host)
+    stored = list(pipeline.train_dataset(source, **_kwargs(seed=config.seed))[1:4])
+    key, bounds = transforms.device_crop_key(config.seed), (REGION - IMAGE + 1, REGION - IMAGE + 1)
+    offsets = [np.asarray(transforms.device_crop_offsets(key, batch["position"], bounds)) for batch in stored]
+    assert len({tuple(o) for o in offsets[0]}) > 2, offsets[0]
+    _assert_training_alike(config, stored, [_host_crops(b, o) for b, o in zip(stored, offsets)])
 
 
 def test_the_compiled_step_resamples_inception_crops_as_the_device_resample_outside_it(records):
@@ -204,15 +291,14 @@ def test_the_compiled_step_resamples_inception_crops_as_the_device_resample_outs
     device_inception_crops gives outside it (resampled, not sliced), micro-batched after the crop."""
     config = _config(records, **{"data.augment": "inception", "optim.grad_accum_steps": 2, "batch_size": 8})
     source = sources.create_source(config.data, "train", 2, 0)
-    local = next(iter(pipeline.train_dataset(source, **_kwargs(seed=config.seed, augment="inception"))[1:]))
+    stored = list(pipeline.train_dataset(source, **_kwargs(seed=config.seed, augment="inception"))[1:3])
     key = transforms.device_crop_key(config.seed)
-    boxes = np.asarray(transforms.device_inception_boxes(key, local["position"], (REGION, REGION)))
+    boxes = np.asarray(transforms.device_inception_boxes(key, stored[0]["position"], (REGION, REGION)))
     assert len({tuple(b[2:] - b[:2]) for b in boxes}) > 4, boxes  # box sizes vary: resampled, not slices
-    crops = np.asarray(jax.jit(transforms.device_inception_crops, static_argnums=3)(
-        local["image"], key, local["position"], IMAGE))
-    assert crops.shape == (8, IMAGE, IMAGE, 3) and crops.dtype == np.uint8
-    host = {"image": crops, "label": local["label"]}
-    _assert_the_step_trains_alike(config, local, host)
+    crop = jax.jit(transforms.device_inception_crops, static_argnums=3)
+    host = [{"image": np.asarray(crop(b["image"], key, b["position"], IMAGE)), "label": b["label"]} for b in stored]
+    assert host[0]["image"].shape == (8, IMAGE, IMAGE, 3) and host[0]["image"].dtype == np.uint8
+    _assert_training_alike(config, stored, host)
 
 
 STEPS = 4
@@ -251,11 +337,19 @@ def test_a_device_crop_run_resumed_on_another_topology_trains_on_the_same_crops(
     losses are the uninterrupted 2x2 run's (float32 reassociation apart: another split of the same devices)."""
     out = _train(tmp_path / "2x2", records, 2, 2)[0]
     assert f"the train step cuts the {IMAGE} px crops from the stored {REGION}x{REGION} pixels" in out
+    assert "data.device_crops: eval views are cut on the device from the stored pixels" in out
     shutil.copytree(tmp_path / "2x2", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(STEPS))
     out = _train(tmp_path / "resumed", records, 1, 4)[0]
     assert f"Resumed from {tmp_path / 'resumed' / 'checkpoints'} at step 2" in out, out[-3000:]
     assert _losses(tmp_path / "resumed") == pytest.approx(_losses(tmp_path / "2x2"), rel=1e-5)
+    assert _eval_row(tmp_path / "resumed") == pytest.approx(_eval_row(tmp_path / "2x2"), rel=1e-5)
+
+
+def _eval_row(workdir) -> dict:
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    row = [r for r in rows if "eval_loss" in r and r["step"] == STEPS][-1]
+    return {key: row[key] for key in ("eval_loss", "eval_top1", "eval_top5")}
 
 
 def test_a_device_inception_run_trains(records, tmp_path):
@@ -264,6 +358,14 @@ def test_a_device_inception_run_trains(records, tmp_path):
     out = _train(tmp_path / "1x2", records, 1, 2, "--config.data.augment=inception")[0]
     assert f"the train step resamples the inception {IMAGE} px crops from the stored {REGION}x{REGION} pixels" in out
     assert np.isfinite(_losses(tmp_path / "1x2")).all()
+    # The evaluate command cuts its views on the device too (the checkpoint's data config asks for device crops),
+    # from the same weights: the run's own eval row.
+    result = run_cli("alexnet_jax.evaluate", f"--workdir={tmp_path / '1x2'}", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval views are cut on the device" in result.stderr
+    evaluated = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {key: evaluated[key] for key in _eval_row(tmp_path / "1x2")} == pytest.approx(
+        _eval_row(tmp_path / "1x2"), rel=1e-5, abs=1e-6)
 
 
 def test_a_source_that_does_not_qualify_is_refused_in_one_line(records, tmp_path):

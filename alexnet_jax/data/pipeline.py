@@ -8,7 +8,8 @@ Because the stream is a pure function of the step, resuming at step s is just sl
 
 Sources that hold pixels (digits, synthetic, raw ArrayRecord) are read a whole local batch per grain element in
 training (`BatchCrops`: one batched read, the crops cut straight into the batch array; eval and the
-statistics set go through the per-example array transforms). Sources of encoded images (ImageFolder, flat
+statistics set go through the per-example array transforms). Under data.device_crops the stored arrays travel
+whole (`StoredPixels`) and the device cuts the train crops and, at the crop's scale, the eval views. Sources of encoded images (ImageFolder, flat
 val, JPEG ArrayRecord: they have `read_record`) hand the transform the file's bytes, and the transform decodes
 only what the crop needs (data/decode.py) -- in the grain worker processes.
 
@@ -168,8 +169,7 @@ class StoredPixels(grain.transforms.Map):
         height, width, short_side = self.shape
         out = np.empty((len(indices), height, width, 3), np.uint8)
         if hasattr(self.source, "read_pixels_into"):  # a fixed-shape layout reads straight into the batch
-            labels = self.source.read_pixels_into(indices, out)
-            return {"image": out, "label": labels, "position": batch["position"].astype(np.uint32)}
+            return self._batch(out, self.source.read_pixels_into(indices, out), batch)
         read = self.source.read_pixels(indices)
         images = read["images"]
         try:
@@ -185,8 +185,17 @@ class StoredPixels(grain.transforms.Map):
                 f"data.device_crops: {name} is stored {images[k].shape[1]}x{images[k].shape[0]} at short side "
                 f"{read['short_sides'][k]}, not {width}x{height} at {short_side} as the records' manifest says: "
                 "convert them again, or set data.device_crops=False") from None
-        return {"image": out, "label": np.asarray(read["labels"], np.int32),
-                "position": batch["position"].astype(np.uint32)}
+        return self._batch(out, read["labels"], batch)
+
+    @staticmethod
+    def _batch(images, labels, batch) -> dict:
+        """The shipped batch: train batches carry each example's stream position, eval batches their mask."""
+        out = {"image": images, "label": np.asarray(labels, np.int32)}
+        if "position" in batch:
+            out["position"] = batch["position"].astype(np.uint32)
+        if "mask" in batch:
+            out["mask"] = batch["mask"]
+        return out
 
 
 def device_crop_problem(source, data_config) -> str | None:
@@ -221,6 +230,53 @@ def device_crop_problem(source, data_config) -> str | None:
         return (f"data.device_crops: the stored {width}x{height} pixels are smaller than the {size} px crop: "
                 f"convert with {convert}")
     return None
+
+
+def device_eval_problem(source, data_config) -> str | None:
+    """Why the eval view of `source` cannot be cut on the device under data.device_crops, or None. The host's
+    eval view is the central crop at short side data.resize_size; of stored pixels at that scale it is a
+    central slice, which the eval step cuts from the whole stored array (train.eval_log_probs); at any other
+    scale it is a resample, which stays on the host."""
+    if not data_config.get("device_crops", False):
+        return "data.device_crops is off"
+    if not getattr(source, "holds_pixels", False):
+        return "the source holds encoded images (decoded on the host)"
+    layout = getattr(source, "uniform_pixels", None)
+    if layout is None:
+        return "the records have each picture's own shape"
+    height, width, short_side = layout
+    resize = int(data_config["resize_size"])
+    view = resize if int(data_config.get("eval_crops", 1)) == 10 else int(data_config["image_size"])
+    if short_side != resize:
+        return f"the pixels are stored at short side {short_side}, not data.resize_size={resize}"
+    if min(height, width) < view or (view == resize and height != width):
+        return f"the stored {width}x{height} pixels do not hold the central {view} px square"
+    return None
+
+
+def eval_views_on_device(source, data_config, purpose: str) -> bool:
+    """Whether the eval-view batches of `source` (for `purpose`) ship its stored pixels whole for the device to
+    cut; under data.device_crops says once why not, when not."""
+    problem = device_eval_problem(source, data_config)
+    if data_config.get("device_crops", False):
+        logging.info("data.device_crops: %s views are cut on the %s", purpose,
+                     f"host: {problem}" if problem else "device from the stored pixels")
+    return problem is None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalIndex(grain.transforms.Map):
+    """Element i of a split lengthened to whole global batches: its source index and whether it is real (the
+    padding repeats the last example with mask=False, as PaddedSource does)."""
+
+    length: int
+
+    def map(self, i):
+        return {"index": np.int64(min(i, self.length - 1)), "mask": np.bool_(i < self.length)}
+
+
+def _source_index(i):
+    return {"index": np.int64(i)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -693,16 +749,21 @@ def train_batches(source, *, start_step: int = 0, workers: int = 0, worker_threa
 
 
 def eval_dataset(source, *, global_batch_size: int, image_size: int, resize_size: int, eval_crops: int = 1,
-                 process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                 process_index: int = 0, process_count: int = 1, on_device: bool = False) -> grain.MapDataset:
     """Every eval example exactly once, in order; the last global batch is padded and `mask` marks real rows.
 
     eval_crops=10 ships the central resize_size x resize_size square instead of the image_size crop; the
-    device cuts the paper's ten views from it (transforms.ten_crop_probabilities)."""
+    device cuts the paper's ten views from it (transforms.ten_crop_probabilities). on_device=True (see
+    eval_views_on_device) ships the stored pixels whole, a batch per read (StoredPixels), for the eval step to
+    cut the same central view from."""
     if eval_crops not in EVAL_CROPS:
         raise ValueError(f"eval_crops must be one of {EVAL_CROPS}, got {eval_crops!r}")
     local = _local_batch_size(global_batch_size, process_count)
-    num_batches = -(-len(source) // global_batch_size)
-    ds = grain.MapDataset.source(PaddedSource(_records(source), num_batches * global_batch_size))
+    length = -(-len(source) // global_batch_size) * global_batch_size
+    if on_device:
+        ds = grain.MapDataset.range(length).map(EvalIndex(len(source)))
+        return ds.batch(local)[process_index::process_count].map(StoredPixels(source, tuple(source.uniform_pixels)))
+    ds = grain.MapDataset.source(PaddedSource(_records(source), length))
     ds = ds.map(EvalTransform(image_size, resize_size, eval_crops))
     return ds.batch(local)[process_index::process_count]
 
@@ -741,17 +802,21 @@ def eval_passes(source, *, workers: int = 0, worker_threads: int = 0, worker_buf
 
 
 def stats_dataset(source, *, num_examples: int, global_batch_size: int, seed: int, image_size: int,
-                  resize_size: int, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                  resize_size: int, process_index: int = 0, process_count: int = 1,
+                  on_device: bool = False) -> grain.MapDataset:
     """The BatchNorm-statistics set (train/precise_bn.py): a fixed sample of `num_examples` training examples
     (a multiple of the global batch), drawn by the seed, in the eval view, cut into global batches as training
     cuts its stream. Its own dataset, never the training stream, so the batches training sees do not depend on
     where statistics were computed. An unreadable file is replaced by another example, as in training: a black
-    placeholder would skew every layer's moments."""
+    placeholder would skew every layer's moments. on_device=True: the stored pixels whole, as eval_dataset's."""
     local = _local_batch_size(global_batch_size, process_count)
     records = _records(source)
     # A fixed list of indices, not a grain shuffle: grain reshuffles a shuffled dataset at every repetition, and
     # the set must be the same examples at every eval and save.
     chosen = np.random.default_rng(seed).permutation(len(source))[:num_examples]
+    if on_device:
+        ds = grain.MapDataset.source(chosen).map(_source_index).batch(local, drop_remainder=True)
+        return ds[process_index::process_count].map(StoredPixels(source, tuple(source.uniform_pixels)))
     ds = grain.MapDataset.source(Subset(records, tuple(int(i) for i in chosen)))
     ds = ds.random_map(TrainTransform(image_size, resize_size, EVAL_VIEW, records if records is not source else None),
                        seed=seed)

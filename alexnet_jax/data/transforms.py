@@ -165,6 +165,17 @@ def pca_lighting(images: jax.Array, key: jax.Array, std: float = 0.1) -> jax.Arr
     return images.astype(jnp.float32) + offset[:, None, None, :]
 
 
+def central_view(images: jax.Array, size: int) -> jax.Array:
+    """The central `size` square of NHWC `images` (all of them when they are that size): the eval view cut on the
+    device from stored pixels at the crop's scale, placed as center_crop_box places it, so the same pixels as
+    the host's center_crop of each array."""
+    h, w = images.shape[1:3]
+    if (h, w) == (size, size):
+        return images
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[:, top:top + size, left:left + size, :]
+
+
 def ten_crop(images: jax.Array, size: int) -> jax.Array:
     """(N, R, R, C) -> (10, N, size, size, C): the four corner and the centre `size` squares, then the same five
     mirrored left-right -- the paper's test-time views of the central R x R patch (section 4.1)."""
