@@ -110,10 +110,10 @@ def test_a_resumed_pixel_conversion_redoes_only_the_unfinished_shard(both, tmp_p
     assert json.loads((copy / "manifest.json").read_text()) == manifest and os.stat(copy / manifest["shards"][0]["file"]).st_mtime_ns == kept
 
 
-def _first_batches(source, workers: int = 0) -> list[dict]:
-    """The first 4 device-crop train batches of 8 (past the end of the 24-example epoch)."""
+def _first_batches(source, workers: int = 0, device_crops: bool = True) -> list[dict]:
+    """The first 4 train batches of 8 (past the end of the 24-example epoch)."""
     iterator = pipeline.train_batches(source, workers=workers, global_batch_size=8, seed=3, image_size=IMAGE,
-                                      resize_size=RESIZE, device_crops=True)
+                                      resize_size=RESIZE, device_crops=device_crops)
     try:
         return [next(iterator) for _ in range(4)]
     finally:
@@ -122,7 +122,7 @@ def _first_batches(source, workers: int = 0) -> list[dict]:
 
 def test_train_batches_on_any_worker_count_are_the_raw_records_batches(both):
     """data.device_crops ships the stored pixels whole: read_pixels_into with 0 and 2 grain workers gives the
-    batches the raw records of the same conversion give, pixel for pixel."""
+    batches the raw records of the same conversion give, pixel for pixel; and so do the crops cut on the host."""
     raw_dir, pixels_dir = both
     config = tiny_config("arrayrecord", **{"data.train_path": pixels_dir, "data.eval_path": pixels_dir,
                                            "data.image_size": IMAGE, "data.resize_size": RESIZE,
@@ -137,6 +137,11 @@ def test_train_batches_on_any_worker_count_are_the_raw_records_batches(both):
             assert got[b]["image"].shape == (8, REGION, REGION, 3)
             for key in ("image", "label", "position"):
                 np.testing.assert_array_equal(got[b][key], want[b][key], err_msg=f"{workers} workers, {key}")
+    host = _first_batches(shards, device_crops=False)
+    for got, want in zip(host, _first_batches(sources.open_converted(raw_dir), device_crops=False), strict=True):
+        assert got["image"].shape == (8, IMAGE, IMAGE, 3)
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(got[key], want[key])
 
 
 def test_the_eval_split_is_checked_against_the_train_classes(both, tmp_path):
@@ -204,8 +209,8 @@ def test_bad_converter_flags_are_a_parser_error(tmp_path, capsys, flags, named):
     assert exit_info.value.code == 2 and named in capsys.readouterr().err
 
 
-def _train(workdir, records) -> list[float]:
-    """A short device-crop training run through the CLI on `records`; its train losses."""
+def _train(workdir, records) -> tuple[list[float], dict]:
+    """A short device-crop training run through the CLI on `records`: its train losses and its eval row."""
     command = [sys.executable, "-m", "alexnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
                "--config.data.source=arrayrecord", f"--config.data.train_path={records}",
                f"--config.data.eval_path={records}", f"--config.data.image_size={IMAGE}",
@@ -216,12 +221,13 @@ def _train(workdir, records) -> list[float]:
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     losses = {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
-    return [losses[s] for s in range(1, STEPS + 1)]
+    (evaluation,) = [r for r in rows if "eval_loss" in r]
+    return [losses[s] for s in range(1, STEPS + 1)], evaluation
 
 
 def test_a_training_run_on_pixel_shards_is_the_run_on_raw_records(both, tmp_path):
-    """The same pixels in the same order: the same batches, so the same losses, exactly."""
+    """The same pixels in the same order: the same batches, so the same losses and eval metrics, exactly."""
     raw_dir, pixels_dir = both
-    on_shards = _train(tmp_path / "pixels", pixels_dir)
-    assert np.isfinite(on_shards).all()
-    assert on_shards == _train(tmp_path / "raw", raw_dir)
+    losses, evaluation = _train(tmp_path / "pixels", pixels_dir)
+    assert np.isfinite(losses).all() and evaluation["eval_examples"] == 24
+    assert (losses, evaluation) == _train(tmp_path / "raw", raw_dir)
