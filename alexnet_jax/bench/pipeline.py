@@ -185,6 +185,10 @@ def run_pipeline(config) -> dict:
         shard_one = pipeline_throughput(shards, workers=1, device_crops=True, **shard_kwargs)
         print(f"pixel shards, {workers} workers ...", file=sys.stderr)
         shard_many = pipeline_throughput(shards, workers=workers, device_crops=True, **shard_kwargs)
+        # No worker processes (data.workers=0: grain's 2 reader threads here; preadv releases the GIL): no batch
+        # copied into fresh shared memory, which is what a worker's batch costs at these speeds.
+        print("pixel shards, no worker processes ...", file=sys.stderr)
+        shard_here = pipeline_throughput(shards, workers=0, device_crops=True, **shard_kwargs)
     print("memcpy, one core ...", file=sys.stderr)
     memcpy = memcpy_gb_per_s()
     result = {
@@ -211,6 +215,8 @@ def run_pipeline(config) -> dict:
         "pixel_shards_memcpy_fraction": round(shard_many["img_per_s"] * stored_bytes / (memcpy * 1e9), 4),
         "pixel_shards_1worker_cpu_ms_per_img": round(shard_one["cpu_ms_per_img"], 3),
         "pixel_shards_cpu_ms_per_img": round(shard_many["cpu_ms_per_img"], 3),
+        "pixel_shards_in_process_img_per_s": round(shard_here["img_per_s"], 1),
+        "pixel_shards_in_process_memcpy_fraction": round(shard_here["img_per_s"] * stored_bytes / (memcpy * 1e9), 4),
         "pipeline_cpu_ms_per_img": round(many["cpu_ms_per_img"], 3),
         "pipeline_1worker_cpu_ms_per_img": round(one["cpu_ms_per_img"], 3),
         "pil_baseline_cpu_ms_per_img": round(baseline["cpu_ms_per_img"], 3),
@@ -263,4 +269,6 @@ def run_pipeline(config) -> dict:
     print(f"pixel shards x{workers:<2d}{result['pixel_shards_img_per_s']:7.1f} img/s  "
           f"{result['pixel_shards_cpu_ms_per_img']:.2f} CPU ms/img ({workers} workers): "
           f"{100 * result['pixel_shards_memcpy_fraction']:.1f}% of memcpy")
+    print(f"pixel shards x0 {result['pixel_shards_in_process_img_per_s']:7.1f} img/s  (no worker processes: "
+          f"read in the consuming process): {100 * result['pixel_shards_in_process_memcpy_fraction']:.1f}% of memcpy")
     return result
