@@ -15,7 +15,7 @@ There, pictures smaller than `--resize` are scaled up to it, as the train view w
 every record is N x N (the manifest's "shape"): what `data.device_crops` needs.
 `--format=pixels --resize=R --center_crop=N` writes those same pixels as pixel shards (data/pixelshards.py): flat
 files of N*N*3-byte records with no headers, labels and names in a sidecar, read by one os.preadv per example
-straight into the batch (memcpy speed, where ArrayRecord copies each record once more); `data.source=arrayrecord`
+straight into the batch (one copy, where ArrayRecord makes two); `data.source=arrayrecord`
 opens them by their manifest's encoding.
 Files that do not decode are skipped, one line each naming the file, and listed in the manifest.
 

@@ -11,7 +11,7 @@ manifest with the shard's.
 
 Why this layout: array_record's read copies each record into a new bytes object (~90 us for a 196 KB record, a
 quarter of memcpy speed) before the pixels are copied into the batch; here the kernel copies a record from the
-page cache into its row of the batch, once, at memcpy speed (`read_pixels_into`). Why a JSON sidecar: a few
+page cache into its row of the batch, once (`read_pixels_into`). Why a JSON sidecar: a few
 dozen bytes a record beside ~200 KB of pixels, readable by any tool, never executed (no pickle), written and
 checksummed with its shard; the labels are loaded on open, the names only read again to name a record.
 
