@@ -130,7 +130,10 @@ def test_layers_times_every_convolution_and_pool_beside_pytorch():
 PIPELINE_KEYS = ("pipeline_img_per_s", "pipeline_1worker_img_per_s", "pil_baseline_img_per_s",
                  "pil_baseline_parallel_img_per_s", "raw_records_1worker_img_per_s", "raw_records_img_per_s",
                  "memcpy_gb_per_s", "raw_records_1worker_memcpy_fraction", "raw_records_memcpy_fraction",
-                 "stored_pixels_1worker_img_per_s", "stored_pixels_1worker_memcpy_fraction")
+                 "stored_pixels_1worker_img_per_s", "stored_pixels_1worker_memcpy_fraction",
+                 "pixel_shards_1worker_img_per_s", "pixel_shards_img_per_s", "pixel_shards_1worker_memcpy_fraction",
+                 "pixel_shards_memcpy_fraction", "pixel_shards_1worker_cpu_ms_per_img", "pixel_shards_cpu_ms_per_img",
+                 "pixel_shards_in_process_img_per_s", "pixel_shards_in_process_memcpy_fraction")
 
 
 def test_pipeline_reports_jpeg_and_raw_record_rates_with_its_device():
@@ -157,6 +160,10 @@ def test_pipeline_reports_jpeg_and_raw_record_rates_with_its_device():
     assert report["stored_pixel_bytes"] == 72 * 72 * 3
     assert report["stored_pixels_1worker_memcpy_fraction"] == pytest.approx(
         report["stored_pixels_1worker_img_per_s"] * 72 * 72 * 3 / (report["memcpy_gb_per_s"] * 1e9), rel=0.02, abs=1e-4)
+    # pixel shards hold the same 72 x 72 x 3 pixels a record
+    for n in ("1worker_", "", "in_process_"):
+        assert report[f"pixel_shards_{n}memcpy_fraction"] == pytest.approx(
+            report[f"pixel_shards_{n}img_per_s"] * 72 * 72 * 3 / (report["memcpy_gb_per_s"] * 1e9), rel=0.02, abs=1e-4)
     assert report["device"] in lines[0] and "load average" in lines[0]
 
 

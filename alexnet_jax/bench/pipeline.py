@@ -1,5 +1,5 @@
 """`bench pipeline`: the host input pipeline (no device) against a plain Pillow loop on the same JPEG files and
-cores, and the same files as raw-pixel records (see `python -m alexnet_jax.bench --help`)."""
+cores, and the same files as raw-pixel records and pixel shards (see `python -m alexnet_jax.bench --help`)."""
 
 import io
 import os
@@ -110,13 +110,13 @@ def memcpy_gb_per_s(megabytes: int = 256, repeats: int = 5) -> float:
     return src.nbytes / best / 1e9
 
 
-def raw_records(paths: list[str], directory: str, resize_size: int, center_crop: int = 0):
-    """The files converted by `data.convert --format=raw --resize=resize_size [--center_crop=N]` into one shard
-    under `directory`, opened as the arrayrecord source reads them. The files are linked into an ImageFolder
-    first, so the converter reads exactly the timed files."""
-    from alexnet_jax.data import arrayrecord, convert
+def raw_records(paths: list[str], directory: str, resize_size: int, center_crop: int = 0, fmt: str = "raw"):
+    """The files converted by `data.convert --format=fmt (raw or pixels) --resize=resize_size [--center_crop=N]`
+    into one shard under `directory`, opened as the arrayrecord source reads them. The files are linked into an
+    ImageFolder first, so the converter reads exactly the timed files."""
+    from alexnet_jax.data import convert, sources
 
-    src, dst = os.path.join(directory, "raw_src"), os.path.join(directory, f"raw_records_{center_crop}")
+    src, dst = os.path.join(directory, "raw_src"), os.path.join(directory, f"{fmt}_records_{center_crop}")
     for i, path in enumerate(paths):
         folder = os.path.join(src, os.path.basename(os.path.dirname(path)))
         os.makedirs(folder, exist_ok=True)
@@ -124,9 +124,9 @@ def raw_records(paths: list[str], directory: str, resize_size: int, center_crop:
         if not os.path.exists(link):
             os.symlink(os.path.abspath(path), link)
     crop = [f"--center_crop={center_crop}"] if center_crop else []
-    convert.convert(convert.parse_args([f"--src={src}", f"--dst={dst}", "--shards=1", "--format=raw",
+    convert.convert(convert.parse_args([f"--src={src}", f"--dst={dst}", "--shards=1", f"--format={fmt}",
                                         f"--resize={resize_size}", "--workers=1", *crop]))
-    return arrayrecord.ArrayRecordSource(dst)
+    return sources.open_converted(dst)
 
 
 def run_pipeline(config) -> dict:
@@ -176,6 +176,19 @@ def run_pipeline(config) -> dict:
         stored = pipeline_throughput(raw_records(paths, tmp, resize_size, center_crop=resize_size), workers=1,
                                      device_crops=True, **raw_kwargs)
         stored_bytes = resize_size * resize_size * 3
+        print("converting the files to pixel shards ...", file=sys.stderr)
+        shards = raw_records(paths, tmp, resize_size, center_crop=resize_size, fmt="pixels")
+        # Read at the copy's speed: time yet more batches, so the timing spans about a second, not a few ms.
+        shard_kwargs = {**kwargs, "images": max(kwargs["images"], 256 * batch_size)}
+        print("pixel shards (read straight into the batch, shipped whole for data.device_crops), 1 worker ...",
+              file=sys.stderr)
+        shard_one = pipeline_throughput(shards, workers=1, device_crops=True, **shard_kwargs)
+        print(f"pixel shards, {workers} workers ...", file=sys.stderr)
+        shard_many = pipeline_throughput(shards, workers=workers, device_crops=True, **shard_kwargs)
+        # No worker processes (data.workers=0: grain's 2 reader threads here; preadv releases the GIL): no batch
+        # copied into fresh shared memory, which is what a worker's batch costs at these speeds.
+        print("pixel shards, no worker processes ...", file=sys.stderr)
+        shard_here = pipeline_throughput(shards, workers=0, device_crops=True, **shard_kwargs)
     print("memcpy, one core ...", file=sys.stderr)
     memcpy = memcpy_gb_per_s()
     result = {
@@ -195,6 +208,15 @@ def run_pipeline(config) -> dict:
         "stored_pixel_bytes": stored_bytes,
         "stored_pixels_1worker_memcpy_fraction": round(stored["img_per_s"] * stored_bytes / (memcpy * 1e9), 4),
         "stored_pixels_1worker_cpu_ms_per_img": round(stored["cpu_ms_per_img"], 3),
+        # the same pixels as pixel shards (stored_pixel_bytes a record), read by os.preadv into the batch
+        "pixel_shards_1worker_img_per_s": round(shard_one["img_per_s"], 1),
+        "pixel_shards_img_per_s": round(shard_many["img_per_s"], 1),
+        "pixel_shards_1worker_memcpy_fraction": round(shard_one["img_per_s"] * stored_bytes / (memcpy * 1e9), 4),
+        "pixel_shards_memcpy_fraction": round(shard_many["img_per_s"] * stored_bytes / (memcpy * 1e9), 4),
+        "pixel_shards_1worker_cpu_ms_per_img": round(shard_one["cpu_ms_per_img"], 3),
+        "pixel_shards_cpu_ms_per_img": round(shard_many["cpu_ms_per_img"], 3),
+        "pixel_shards_in_process_img_per_s": round(shard_here["img_per_s"], 1),
+        "pixel_shards_in_process_memcpy_fraction": round(shard_here["img_per_s"] * stored_bytes / (memcpy * 1e9), 4),
         "pipeline_cpu_ms_per_img": round(many["cpu_ms_per_img"], 3),
         "pipeline_1worker_cpu_ms_per_img": round(one["cpu_ms_per_img"], 3),
         "pil_baseline_cpu_ms_per_img": round(baseline["cpu_ms_per_img"], 3),
@@ -241,4 +263,12 @@ def run_pipeline(config) -> dict:
           f"{result['stored_pixels_1worker_cpu_ms_per_img']:.2f} CPU ms/img (1 worker, --center_crop records "
           f"shipped whole for data.device_crops): "
           f"{100 * result['stored_pixels_1worker_memcpy_fraction']:.1f}% of memcpy")
+    print(f"pixel shards x1 {result['pixel_shards_1worker_img_per_s']:7.1f} img/s  "
+          f"{result['pixel_shards_1worker_cpu_ms_per_img']:.2f} CPU ms/img (1 worker, the same pixels read by "
+          f"os.preadv into the batch): {100 * result['pixel_shards_1worker_memcpy_fraction']:.1f}% of memcpy")
+    print(f"pixel shards x{workers:<2d}{result['pixel_shards_img_per_s']:7.1f} img/s  "
+          f"{result['pixel_shards_cpu_ms_per_img']:.2f} CPU ms/img ({workers} workers): "
+          f"{100 * result['pixel_shards_memcpy_fraction']:.1f}% of memcpy")
+    print(f"pixel shards x0 {result['pixel_shards_in_process_img_per_s']:7.1f} img/s  (no worker processes: "
+          f"read in the consuming process): {100 * result['pixel_shards_in_process_memcpy_fraction']:.1f}% of memcpy")
     return result

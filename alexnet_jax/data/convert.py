@@ -1,7 +1,7 @@
 """Convert an image folder to ArrayRecord shards for the `arrayrecord` source.
 
     python -m alexnet_jax.data.convert --src=/data/imagenet/train --dst=/data/imagenet-ar/train --shards=1024 \\
-        [--resize=256] [--format=jpeg|raw] [--center_crop=N] [--quality=95] [--workers=K]
+        [--resize=256] [--format=jpeg|raw|pixels] [--center_crop=N] [--quality=95] [--workers=K]
     python -m alexnet_jax.data.convert --src=/data/imagenet/val --dst=/data/imagenet-ar/val --shards=64 \\
         --classes_from=/data/imagenet/train      # a flat val folder: its ground truth is found beside it
 
@@ -13,6 +13,10 @@ Every file is decoded (EXIF orientation applied, any mode to RGB), its short sid
 crops then come from that region, at the whole picture's scale: the record keeps the picture's short side).
 There, pictures smaller than `--resize` are scaled up to it, as the train view would scale them anyway, so that
 every record is N x N (the manifest's "shape"): what `data.device_crops` needs.
+`--format=pixels --resize=R --center_crop=N` writes those same pixels as pixel shards (data/pixelshards.py): flat
+files of N*N*3-byte records with no headers, labels and names in a sidecar, read by one os.preadv per example
+straight into the batch (one copy, where ArrayRecord makes two); `data.source=arrayrecord`
+opens them by their manifest's encoding.
 Files that do not decode are skipped, one line each naming the file, and listed in the manifest.
 
 `--src` and `--dst` may be gs:// URLs: a shard bound for gs:// is written to a local temporary file (the
@@ -25,6 +29,7 @@ names, per-class counts, per-shard record counts, sizes and sha256, and the skip
 """
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -37,19 +42,18 @@ import numpy as np
 from etils import epath
 
 from alexnet_jax import storage
-from alexnet_jax.data import arrayrecord, decode, imagefolder
+from alexnet_jax.data import arrayrecord, decode, imagefolder, pixelshards
 
 STATE_FILE = "convert_state.json"
 
 
-def shard_name(index: int, count: int) -> str:
-    return f"data-{index:05d}-of-{count:05d}.array_record"
+def shard_name(index: int, count: int, fmt: str) -> str:
+    suffix = pixelshards.SHARD_SUFFIX if fmt == pixelshards.ENCODING else ".array_record"
+    return f"data-{index:05d}-of-{count:05d}{suffix}"
 
 
 def _fingerprint(source, args) -> dict:
     """What a resumed run must agree with: the file list, labels and every option that changes the bytes."""
-    import hashlib
-
     digest = hashlib.sha256(source._blob)
     digest.update(source._offsets.tobytes())
     digest.update(source.labels.tobytes())
@@ -74,7 +78,7 @@ def encode_example(data: bytes, resize: int, fmt: str, quality: int,
 
     # With a central region every record gets the one N x N shape: small pictures are scaled up to --resize.
     pixels = decode.decode_resized(data, resize, enlarge=bool(center_crop and resize))
-    if fmt == "raw":
+    if fmt in ("raw", pixelshards.ENCODING):
         short_side = None
         if center_crop:
             h, w = pixels.shape[:2]
@@ -95,7 +99,8 @@ def _init_worker(source, progress):
 
 
 def convert_shard(task: dict) -> dict:
-    """Writes one shard (temp name -> checksum -> rename or upload -> done marker); returns its done record."""
+    """Writes one shard (temp name -> checksum -> rename or upload -> sidecar of pixel shards -> done marker);
+    returns its done record."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     source, progress = _worker["source"], _worker.get("progress")
@@ -104,7 +109,10 @@ def convert_shard(task: dict) -> dict:
     temporary = os.path.join(tempfile.mkdtemp(prefix="convert-"), task["file"]) if remote else final + ".tmp"
     counts = np.zeros(len(source.class_names), np.int64)
     skipped = []
-    writer = ArrayRecordWriter(temporary, arrayrecord.WRITER_OPTIONS)
+    pixels = task["format"] == pixelshards.ENCODING
+    # pixel shards: the payloads back to back in a plain file, their labels and names kept for the sidecar
+    writer = open(temporary, "wb") if pixels else ArrayRecordWriter(temporary, arrayrecord.WRITER_OPTIONS)
+    labels, names = [], []
     written = 0
     for index in task["indices"]:
         record = source.read_record(int(index))
@@ -115,9 +123,14 @@ def convert_shard(task: dict) -> dict:
             why = record.get("read_error", str(error))
             skipped.append({"file": source.relative_path(int(index)), "error": why})
         else:
-            label = int(record["label"])
-            writer.write(arrayrecord.encode_record(label, source.relative_path(int(index)), payload, task["format"],
-                                                   shape, short_side=short_side))
+            label, name = int(record["label"]), source.relative_path(int(index))
+            if pixels:
+                writer.write(payload)
+                labels.append(label)
+                names.append(name)
+            else:
+                writer.write(arrayrecord.encode_record(label, name, payload, task["format"], shape,
+                                                       short_side=short_side))
             counts[label] += 1
             written += 1
         if progress is not None:
@@ -126,11 +139,16 @@ def convert_shard(task: dict) -> dict:
     writer.close()
     done = {"file": task["file"], "num_records": written, "bytes": os.path.getsize(temporary),
             "sha256": arrayrecord.file_sha256(temporary), "class_counts": counts.tolist(), "skipped": skipped}
+    if pixels:
+        index = pixelshards.index_text(labels, names)
+        done["index_sha256"] = hashlib.sha256(index.encode("ascii")).hexdigest()
     if remote:
         _upload(temporary, final)
         shutil.rmtree(os.path.dirname(temporary))
     else:
         os.replace(temporary, final)
+    if pixels:
+        storage.write_text(final + pixelshards.INDEX_SUFFIX, index)
     _write_json(final + ".done.json", done)
     return done
 
@@ -211,7 +229,7 @@ def convert(args) -> dict:
         _write_json(state_path, fingerprint)
 
     assignment = shard_assignment(len(source), args.shards, args.seed)
-    files = [shard_name(k, args.shards) for k in range(args.shards)]
+    files = [shard_name(k, args.shards, args.format) for k in range(args.shards)]
     done = {f: _finished(args.dst, f) for f in files}
     todo = [k for k, f in enumerate(files) if done[f] is None]
     already = sum(len(assignment[k]) for k in range(args.shards) if done[files[k]] is not None)
@@ -267,7 +285,8 @@ def convert(args) -> dict:
         # every record's pixels, where they all have one shape (the central region of a --resize picture)
         "shape": [args.center_crop, args.center_crop, 3] if args.center_crop and args.resize else None,
         "quality": args.quality if args.format == "jpeg" else None,
-        "shards": [{k: s[k] for k in ("file", "num_records", "bytes", "sha256")} for s in shards],
+        "shards": [{k: s[k] for k in ("file", "num_records", "bytes", "sha256", "index_sha256") if k in s}
+                   for s in shards],
         "skipped": skipped,
     }
     _write_json(storage.join(args.dst, arrayrecord.MANIFEST), manifest)
@@ -280,11 +299,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m alexnet_jax.data.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--src", required=True, help="ImageFolder (class sub-folders) or flat val folder")
     parser.add_argument("--dst", required=True, help="output directory (created; rerun to resume)")
-    parser.add_argument("--shards", type=int, required=True, help="number of ArrayRecord shards")
+    parser.add_argument("--shards", type=int, required=True, help="number of shards")
     parser.add_argument("--resize", type=int, default=256, help="short side at most this (0: keep the size)")
-    parser.add_argument("--format", choices=arrayrecord.FORMATS, default="jpeg", help="jpeg bytes or raw pixels")
+    parser.add_argument("--format", choices=(*arrayrecord.FORMATS, pixelshards.ENCODING), default="jpeg",
+                        help="jpeg bytes or raw pixels in ArrayRecord records, or pixel shards (fixed-size raw "
+                             "records; needs --resize and --center_crop)")
     parser.add_argument("--center_crop", type=int, default=0,
-                        help="raw only: keep the central NxN pixels of the resized picture (0: all of it)")
+                        help="raw and pixels: keep the central NxN pixels of the resized picture (0: all of it)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of the re-encoded images")
     parser.add_argument("--workers", type=int, default=0, help="worker processes (0: one per CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the file -> shard deal")
@@ -297,8 +318,11 @@ def parse_args(argv=None):
         parser.error("--shards must be >= 1")
     if args.resize < 0 or not 1 <= args.quality <= 100 or args.workers < 0:
         parser.error("--resize and --workers must be >= 0, --quality in 1..100")
-    if args.center_crop < 0 or (args.center_crop and args.format != "raw"):
-        parser.error("--center_crop must be >= 0, and is for --format=raw only")
+    if args.center_crop < 0 or (args.center_crop and args.format == "jpeg"):
+        parser.error("--center_crop must be >= 0, and is for --format=raw or --format=pixels only")
+    if args.format == pixelshards.ENCODING and not (args.resize and args.center_crop):
+        parser.error("--format=pixels needs --resize and --center_crop (>= 1): every record must have one "
+                     "N x N shape")
     if args.center_crop and args.resize and args.center_crop > args.resize:
         parser.error(f"--center_crop={args.center_crop} is more than the short side --resize={args.resize}")
     return args

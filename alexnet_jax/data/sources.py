@@ -8,12 +8,14 @@ our converter's shards) also have `read_record(i)` (the undecoded element: {"enc
 and `name(i)` (the file, for messages); the pipeline reads through `read_record` and decodes in its grain
 workers, at the size the crop needs.
 
-Sources that hold pixels (digits, synthetic, raw ArrayRecord: `holds_pixels` true) also have
+Sources that hold pixels (digits, synthetic, raw ArrayRecord, pixel shards: `holds_pixels` true) also have
 `read_pixels(indices)`: a whole batch's stored pixels in one call ({"images": uint8 HWC arrays, "labels": int32,
 "short_sides": each record's picture short side or None}); the train pipeline reads a local batch at a time
 through it and cuts the crops straight into the batch array. Their `uniform_pixels` is (height, width, the
 short side whose scale the pixels are at) when every stored array has that one shape, as the source knows it
-without reading the data, else None (the device cuts the crops of such sources: data.device_crops).
+without reading the data, else None (the device cuts the crops of such sources: data.device_crops). Pixel
+shards (data/pixelshards.py), one shape by layout, also have `read_pixels_into(indices, out) -> int32 labels`,
+which reads each example's pixels straight into its row of the batch array.
 """
 
 import importlib.util
@@ -188,10 +190,20 @@ def _imagefolder_source(data_config, split: str, class_names=None):
         raise
 
 
+def open_converted(path: str):
+    """A directory written by data.convert, opened as its manifest's encoding is read: pixel shards
+    (--format=pixels) or ArrayRecord shards (jpeg, raw)."""
+    from alexnet_jax.data import arrayrecord, pixelshards
+
+    if arrayrecord.read_manifest(path).get("encoding") == pixelshards.ENCODING:
+        return pixelshards.PixelShardSource(path)
+    return arrayrecord.ArrayRecordSource(path)
+
+
 def _arrayrecord_source(data_config, split: str, class_names=None):
     from alexnet_jax.data import arrayrecord
 
-    source = arrayrecord.ArrayRecordSource(_split_path(data_config, split))
+    source = open_converted(_split_path(data_config, split))
     _check_central_region(source.manifest, data_config, split)
     if split == "eval" and class_names is not None:
         if list(class_names) != source.class_names:
