@@ -6,12 +6,12 @@ stream into local batches of L = G/P elements, and process p takes local batches
 decodes only its own L images of every global batch, and the union over processes is the same whatever P is.
 Because the stream is a pure function of the step, resuming at step s is just slicing at s.
 
-Sources that hold pixels (digits, synthetic, raw ArrayRecord, pixel shards) are read a whole local batch per grain element in
-training (`BatchCrops`: one batched read, the crops cut straight into the batch array; eval and the
-statistics set go through the per-example array transforms). Under data.device_crops the stored arrays travel
-whole (`StoredPixels`) and the device cuts the train crops and, at the crop's scale, the eval views. Sources of encoded images (ImageFolder, flat
-val, JPEG ArrayRecord: they have `read_record`) hand the transform the file's bytes, and the transform decodes
-only what the crop needs (data/decode.py) -- in the grain worker processes.
+Sources that hold pixels (digits, synthetic, raw ArrayRecord, pixel shards) are read a whole local batch per grain
+element in training (`BatchCrops`: one batched read, the crops cut straight into the batch array; eval and the
+statistics set go through the per-example array transforms). Under data.device_crops the stored arrays travel whole
+(`StoredPixels`) and the device cuts the train crops and, at the crop's scale, the eval views. Sources of encoded
+images (ImageFolder, flat val, JPEG ArrayRecord: they have `read_record`) hand the transform the file's bytes, and
+the transform decodes only what the crop needs (data/decode.py) -- in the grain worker processes.
 
 Unreadable files (empty, truncated, not an image, over the pixel limit) never crash a run and never train with a
 wrong label. In a random-access pipeline an element cannot just vanish (batch shapes, and the same global batches
