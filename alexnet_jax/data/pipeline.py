@@ -235,7 +235,7 @@ def device_crop_problem(source, data_config) -> str | None:
 def device_eval_problem(source, data_config) -> str | None:
     """Why the eval view of `source` cannot be cut on the device under data.device_crops, or None. The host's
     eval view is the central crop at short side data.resize_size; of stored pixels at that scale it is a
-    central slice, which the eval step cuts from the whole stored array (train.eval_log_probs); at any other
+    central slice, which the eval step cuts from the whole stored array (train.eval_images); at any other
     scale it is a resample, which stays on the host."""
     if not data_config.get("device_crops", False):
         return "data.device_crops is off"
@@ -810,13 +810,13 @@ def stats_dataset(source, *, num_examples: int, global_batch_size: int, seed: in
     where statistics were computed. An unreadable file is replaced by another example, as in training: a black
     placeholder would skew every layer's moments. on_device=True: the stored pixels whole, as eval_dataset's."""
     local = _local_batch_size(global_batch_size, process_count)
-    records = _records(source)
     # A fixed list of indices, not a grain shuffle: grain reshuffles a shuffled dataset at every repetition, and
     # the set must be the same examples at every eval and save.
     chosen = np.random.default_rng(seed).permutation(len(source))[:num_examples]
     if on_device:
         ds = grain.MapDataset.source(chosen).map(_source_index).batch(local, drop_remainder=True)
         return ds[process_index::process_count].map(StoredPixels(source, tuple(source.uniform_pixels)))
+    records = _records(source)
     ds = grain.MapDataset.source(Subset(records, tuple(int(i) for i in chosen)))
     ds = ds.random_map(TrainTransform(image_size, resize_size, EVAL_VIEW, records if records is not source else None),
                        seed=seed)
