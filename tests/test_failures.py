@@ -166,12 +166,12 @@ def test_a_write_refused_by_storage_mid_run_is_exit_4_naming_the_step(tmp_path):
     reason = _mount_namespace_unavailable()
     if reason:
         pytest.skip(reason)
-    workdir = tmp_path / "run"
+    workdir, every = tmp_path / "run", 3
     command = shlex.join([sys.executable, "-m", "alexnet_jax.main", f"--workdir={workdir}", *TINY,
-                          "--config.num_train_steps=300", "--config.checkpoint_every_steps=3"])
+                          "--config.num_train_steps=300", f"--config.checkpoint_every_steps={every}"])
     checkpoints = shlex.quote(str(workdir / "checkpoints"))
     script = (f"{command} 2>{tmp_path / 'stderr'} & pid=$!\n"
-              f"while [ ! -d {checkpoints}/3 ] && kill -0 $pid 2>/dev/null; do sleep 0.05; done\n"
+              f"while [ ! -d {checkpoints}/{every} ] && kill -0 $pid 2>/dev/null; do sleep 0.05; done\n"
               f"mount -t tmpfs -o ro tmpfs {checkpoints} || exit 99\n"
               "wait $pid\n")
     result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=REPO,
@@ -182,7 +182,7 @@ def test_a_write_refused_by_storage_mid_run_is_exit_4_naming_the_step(tmp_path):
     # A save already under way when the mount lands had made its temporary folder on the disk beneath, which
     # the mount hides: its next write finds no folder rather than a read-only one. Either is the storage's refusal.
     refusal = "Read-only file system" in error or "No such file or directory" in error
-    assert step > 3 and "could not be written" in error and refusal, error
+    assert step > every and "could not be written" in error and refusal, error
     assert "Final checkpoint" not in result.stderr
     # On the disk beneath: every save that finished before the mount (step 3, and 6 if it was that quick), none after.
-    assert _published_steps(workdir / "checkpoints") == list(range(3, step, 3))
+    assert _published_steps(workdir / "checkpoints") == list(range(every, step, every))
