@@ -104,6 +104,30 @@ running=("${pids[@]}")
 status=0
 stopped=0
 deadline=""
+
+# Books process PID's exit status RC: it leaves `running`, and a failure starts the others' countdown.
+finished_with() {
+  local finished=$1 rc=$2 pid i=${process_of[$1]}
+  status_of[$i]=$rc
+  echo "== process $i exited with status $rc"
+  local still=()
+  for pid in "${running[@]}"; do
+    [[ $pid == "$finished" ]] || still+=("$pid")
+  done
+  running=("${still[@]}")
+  if [[ $rc == 143 || $rc == 130 ]]; then
+    # A clean stop (checkpointed on SIGTERM or Ctrl-C): the others are stopping the same way, however long
+    # their checkpoint takes.
+    stopped=$rc
+  elif [[ $rc != 0 && $status == 0 ]]; then
+    status=$rc
+    if [[ ${#running[@]} -gt 0 && -z $deadline ]]; then
+      echo "== the other processes get $GRACE s to finish"
+      deadline=$((SECONDS + GRACE))
+    fi
+  fi
+}
+
 while [[ ${#running[@]} -gt 0 ]]; do
   waited=("${running[@]}")
   timer=""
@@ -114,34 +138,25 @@ while [[ ${#running[@]} -gt 0 ]]; do
   fi
   finished=""
   rc=0
-  wait -n -p finished "${waited[@]}" || rc=$?
-  finished=${finished:-}  # unset when a signal interrupted the wait
+  wait -n -p finished "${waited[@]}" 2>/dev/null || rc=$?
+  finished=${finished:-}  # unset when a signal interrupted the wait, or when no waited job was left
   if [[ -n $timer && $finished != "$timer" ]]; then
     kill "$timer" 2>/dev/null || true
     wait "$timer" 2>/dev/null || true
   fi
   if [[ -n $finished && $finished != "$timer" ]]; then
-    i=${process_of[$finished]}
-    status_of[$i]=$rc
-    echo "== process $i exited with status $rc"
-    running=()
-    for pid in "${waited[@]}"; do
-      if [[ $pid != "$finished" && $pid != "$timer" ]]; then
-        running+=("$pid")
-      fi
-    done
-    if [[ $rc == 143 || $rc == 130 ]]; then
-      # A clean stop (checkpointed on SIGTERM or Ctrl-C): the others are stopping the same way, however long
-      # their checkpoint takes.
-      stopped=$rc
-    elif [[ $rc != 0 && $status == 0 ]]; then
-      status=$rc
-      if [[ ${#running[@]} -gt 0 && -z $deadline ]]; then
-        echo "== the other processes get $GRACE s to finish"
-        deadline=$((SECONDS + GRACE))
-      fi
-    fi
+    finished_with "$finished" "$rc"
   fi
+  # A process that died of a signal while this loop was busy elsewhere (one we just killed, or one the OOM
+  # killer took) has been reported by bash and dropped from its job table, so `wait -n` no longer returns it
+  # (it fails at once with "no such job", and the loop would spin forever); `wait PID` still has its status.
+  for pid in "${running[@]}"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      rc=0
+      wait "$pid" 2>/dev/null || rc=$?
+      finished_with "$pid" "$rc"
+    fi
+  done
   if [[ -n $deadline && $SECONDS -ge $deadline && ${#running[@]} -gt 0 ]]; then
     for pid in "${running[@]}"; do
       echo "== killing process ${process_of[$pid]}"

@@ -378,3 +378,17 @@ def test_local_multiprocess_waits_for_a_clean_stop_and_kills_after_a_failure(tmp
     assert ("get 1 s to finish" in result.stdout) == killed, result.stdout
     if not killed:
         assert f"process 1 exited with status {second}" in result.stdout
+
+
+def test_local_multiprocess_books_processes_killed_while_it_was_busy(tmp_path):
+    """Process 0 fails at once; the seven others hang until killed. Bash reports a child killed by a signal as
+    soon as it notices, and drops it from its job table: the processes that died while the script was still
+    killing the rest were then invisible to `wait -n`, and the script spun on "no such job" forever."""
+    _script(tmp_path / "python", "#!/bin/bash\nfor a; do [[ $a == --process_id=* ]] && id=${a#*=}; done\n"
+                                 "if [[ $id == 0 ]]; then exit 1; fi\nsleep 300\n")
+    result = _bash("local_multiprocess.sh", "8", "--config=configs/digits.py", f"--workdir={tmp_path / 'run'}",
+                   env=_env(PYTHON=str(tmp_path / "python"), PORT="12345", GRACE="1", LOG_DIR=str(tmp_path)),
+                   timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    for i in range(1, 8):
+        assert f"killing process {i}\n" in result.stdout and f"process {i} exited with status 137" in result.stdout
