@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -88,6 +89,11 @@ def test_pixel_shards_hold_the_raw_records_pixels_labels_and_order(both):
     np.testing.assert_array_equal(out, np.stack(want["images"]))
     read = shards.read_pixels(order[:5])
     np.testing.assert_array_equal(np.stack(read["images"]), out[:5])
+    # a grain worker's path: the kernel writes the same records back to back into a file (shared memory there)
+    with tempfile.TemporaryFile() as sent:
+        np.testing.assert_array_equal(shards.send_pixels_to(order, sent.fileno()), labels)
+        sent.seek(0)
+        np.testing.assert_array_equal(np.frombuffer(sent.read(), np.uint8).reshape(out.shape), out)
     assert read["short_sides"] == want["short_sides"][:5] == [RESIZE] * 5
     # grain pickles the source into its workers: no descriptor travels, the copy opens its own
     shards.read_record(0)
@@ -144,6 +150,22 @@ def test_train_batches_on_any_worker_count_are_the_raw_records_batches(both):
             np.testing.assert_array_equal(got[key], want[key])
 
 
+@pytest.mark.skipif(not os.path.isdir(pipeline.SHM_DIR), reason="no /dev/shm (not Linux)")
+def test_a_worker_whose_read_fails_frees_its_shared_memory_and_names_the_shard(both, tmp_path):
+    """A grain worker sends its batch's records into a new shared-memory block; when a read fails there (the
+    shards shrank after the source was opened), the error reaches the trainer and the block is not left behind."""
+    _, pixels_dir = both
+    copy = shutil.copytree(pixels_dir, tmp_path / "copy")
+    source = pixelshards.PixelShardSource(str(copy))
+    for shard in source.manifest["shards"]:
+        os.truncate(copy / shard["file"], 0)
+    pipeline.release_orphaned_shared_memory(str(tmp_path / "run"))  # names this test's blocks from here on
+    tag = pipeline._shm_tag
+    with pytest.raises(ValueError, match="short read"):
+        _first_batches(source, workers=1)
+    assert [name for name in os.listdir(pipeline.SHM_DIR) if name.startswith(tag)] == []
+
+
 def test_the_eval_split_is_checked_against_the_train_classes(both, tmp_path):
     raw_dir, pixels_dir = both
     data = tiny_config("arrayrecord", **{"data.train_path": raw_dir, "data.eval_path": pixels_dir,
@@ -183,6 +205,9 @@ def test_damage_is_one_line_naming_the_file(both, tmp_path):
     last = opened.manifest["shards"][0]["num_records"] - 1
     with pytest.raises(ValueError, match="short read") as error:
         opened.read_record(last)
+    _one_line_naming(error, files[0])
+    with tempfile.TemporaryFile() as sent, pytest.raises(ValueError, match="short read") as error:
+        opened.send_pixels_to([0, last], sent.fileno())
     _one_line_naming(error, files[0])
     # truncated on disk: refused on open
     with pytest.raises(ValueError, match="truncated or replaced") as error:

@@ -43,6 +43,11 @@ from absl import flags, logging
 
 from alexnet_jax.data import decode, draws, transforms
 
+try:  # grain's shared-memory array, not exported: a worker's batch built in one is handed over by name, uncopied
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+except ImportError:  # moved in another grain release: workers' batches are copied by grain, as for other sources
+    SharedMemoryArray = None
+
 AUGMENTATIONS = ("alexnet", "inception")
 EVAL_VIEW = "eval"  # TrainTransform's view for the BatchNorm-statistics set: the eval crop, with substitutes
 EVAL_CROPS = (1, 10)
@@ -159,7 +164,8 @@ class StoredPixels(grain.transforms.Map):
     (transforms.device_crop_offsets). Every array must be the source's `uniform_pixels` shape at its scale (the
     converter's manifest vouches for it); a record that is not stops the run naming it, since cutting it to that
     shape here would change which crops it can give. A source of one fixed shape by construction may offer
-    `read_pixels_into(indices, out) -> int32 labels`, which writes the pixels straight into the batch array."""
+    `read_pixels_into(indices, out) -> int32 labels`, which writes the pixels straight into the batch array, and
+    `send_pixels_to(indices, fd)`, which has the kernel write them into a grain worker's shared batch."""
 
     source: object
     shape: tuple  # (height, width, short side of the scale the pixels are at)
@@ -167,7 +173,11 @@ class StoredPixels(grain.transforms.Map):
     def map(self, batch):
         indices = batch["index"]
         height, width, short_side = self.shape
-        out = np.empty((len(indices), height, width, 3), np.uint8)
+        shape = (len(indices), height, width, 3)
+        if (_in_grain_worker and SharedMemoryArray is not None and hasattr(self.source, "send_pixels_to")
+                and os.path.isdir(SHM_DIR)):
+            return self._batch(*_sent_to_shared_memory(self.source, indices, shape), batch)
+        out = np.empty(shape, np.uint8)
         if hasattr(self.source, "read_pixels_into"):  # a fixed-shape layout reads straight into the batch
             return self._batch(out, self.source.read_pixels_into(indices, out), batch)
         read = self.source.read_pixels(indices)
@@ -196,6 +206,26 @@ class StoredPixels(grain.transforms.Map):
         if "mask" in batch:
             out["mask"] = batch["mask"]
         return out
+
+
+def _sent_to_shared_memory(source, indices, shape) -> tuple[np.ndarray, np.ndarray]:
+    """A grain worker's batch of a pixel-shard source, written by the kernel into a new block of shared memory that
+    grain then hands the trainer by name (a SharedMemoryArray leaf is not copied again); (images, labels).
+
+    The alternative, reading into this process's memory and letting grain copy it into a new block, writes every
+    fresh tmpfs page through a mapping, a page fault each: on a 64 x 256 x 256 x 3 batch that hand-off cost
+    about twice what sendfile does (data/pixelshards.py, send_pixels_to)."""
+    images = SharedMemoryArray(shape, np.uint8)
+    try:
+        fd = os.open(os.path.join(SHM_DIR, images.shm.name), os.O_WRONLY)
+        try:
+            labels = source.send_pixels_to(indices, fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        images.shm.unlink()  # no reader will ever free it; the mapping goes with `images`
+        raise
+    return images, labels
 
 
 def device_crop_problem(source, data_config) -> str | None:
@@ -376,6 +406,7 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory and named semaphores
+_in_grain_worker = False  # set in grain's worker processes (_init_worker): their batches leave in shared memory
 _shm_tag = None  # this run's name prefix, set by release_orphaned_shared_memory
 
 
@@ -491,7 +522,9 @@ def _init_worker(parent: int, tag: str | None, worker_index: int, worker_count: 
     parent-death signal (prctl PR_SET_PDEATHSIG), because that signal fires when the *thread* that started the
     process ends, and grain starts workers from its prefetch threads, which come and go while the trainer lives.
     `parent` is the trainer's pid as the trainer saw it, so a trainer that died before this ran is noticed too."""
+    global _in_grain_worker
     del worker_index, worker_count
+    _in_grain_worker = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if tag:
