@@ -264,8 +264,8 @@ def run_pipeline(config) -> dict:
           f"shipped whole for data.device_crops): "
           f"{100 * result['stored_pixels_1worker_memcpy_fraction']:.1f}% of memcpy")
     print(f"pixel shards x1 {result['pixel_shards_1worker_img_per_s']:7.1f} img/s  "
-          f"{result['pixel_shards_1worker_cpu_ms_per_img']:.2f} CPU ms/img (1 worker, the same pixels read by "
-          f"os.preadv into the batch): {100 * result['pixel_shards_1worker_memcpy_fraction']:.1f}% of memcpy")
+          f"{result['pixel_shards_1worker_cpu_ms_per_img']:.2f} CPU ms/img (1 worker, the same pixels sent by "
+          f"the kernel into the shared batch): {100 * result['pixel_shards_1worker_memcpy_fraction']:.1f}% of memcpy")
     print(f"pixel shards x{workers:<2d}{result['pixel_shards_img_per_s']:7.1f} img/s  "
           f"{result['pixel_shards_cpu_ms_per_img']:.2f} CPU ms/img ({workers} workers): "
           f"{100 * result['pixel_shards_memcpy_fraction']:.1f}% of memcpy")
