@@ -234,14 +234,16 @@ def test_bad_converter_flags_are_a_parser_error(tmp_path, capsys, flags, named):
     assert exit_info.value.code == 2 and named in capsys.readouterr().err
 
 
-def _train(workdir, records) -> tuple[list[float], dict]:
-    """A short device-crop training run through the CLI on `records`: its train losses and its eval row."""
+def _train(workdir, records, workers: int = 0) -> tuple[list[float], dict]:
+    """A short device-crop training run through the CLI on `records` with `workers` grain worker processes: its
+    train losses and its eval row."""
     command = [sys.executable, "-m", "alexnet_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
                "--config.data.source=arrayrecord", f"--config.data.train_path={records}",
                f"--config.data.eval_path={records}", f"--config.data.image_size={IMAGE}",
                f"--config.data.resize_size={RESIZE}", "--config.data.device_crops=True", "--config.model.num_classes=3",
                "--config.model.width=0.0625", "--config.batch_size=8", f"--config.num_train_steps={STEPS}",
-               "--config.log_every_steps=1", f"--config.eval_every_steps={STEPS}", "--config.precise_bn_examples=0"]
+               "--config.log_every_steps=1", f"--config.eval_every_steps={STEPS}", "--config.precise_bn_examples=0",
+               f"--config.data.workers={workers}"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
@@ -251,8 +253,10 @@ def _train(workdir, records) -> tuple[list[float], dict]:
 
 
 def test_a_training_run_on_pixel_shards_is_the_run_on_raw_records(both, tmp_path):
-    """The same pixels in the same order: the same batches, so the same losses and eval metrics, exactly."""
+    """The same pixels in the same order: the same batches, so the same losses and eval metrics, exactly; the
+    pixel shards read by 2 grain workers (each batch sent by the kernel into shared memory), the raw records in
+    the trainer's process."""
     raw_dir, pixels_dir = both
-    losses, evaluation = _train(tmp_path / "pixels", pixels_dir)
+    losses, evaluation = _train(tmp_path / "pixels", pixels_dir, workers=2)
     assert np.isfinite(losses).all() and evaluation["eval_examples"] == 24
     assert (losses, evaluation) == _train(tmp_path / "raw", raw_dir)

@@ -177,7 +177,7 @@ class PixelShardSource:
 
     def read_pixels(self, indices) -> dict:
         """A batch as the other pixel sources give it: the images are rows of one array read in place."""
-        indices = self._indices(indices)
+        indices = np.asarray(indices, np.int64).reshape(-1)  # checked by read_pixels_into
         out = np.empty((len(indices), *self._shape), np.uint8)
         labels = self.read_pixels_into(indices, out)
         return {"images": list(out), "labels": labels, "short_sides": [self._short_side] * len(indices)}
