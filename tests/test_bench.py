@@ -160,7 +160,9 @@ def test_pipeline_reports_jpeg_and_raw_record_rates_with_its_device():
     assert report["stored_pixel_bytes"] == 72 * 72 * 3
     assert report["stored_pixels_1worker_memcpy_fraction"] == pytest.approx(
         report["stored_pixels_1worker_img_per_s"] * 72 * 72 * 3 / (report["memcpy_gb_per_s"] * 1e9), rel=0.02, abs=1e-4)
-    # pixel shards hold the same 72 x 72 x 3 pixels a record
+    # pixel shards hold the same 72 x 72 x 3 pixels a record; records and shards are timed in an epoch of ImageNet's
+    # train split's size
+    assert report["raw_records_epoch_examples"] == 1_281_167
     for n in ("1worker_", "", "in_process_"):
         assert report[f"pixel_shards_{n}memcpy_fraction"] == pytest.approx(
             report[f"pixel_shards_{n}img_per_s"] * 72 * 72 * 3 / (report["memcpy_gb_per_s"] * 1e9), rel=0.02, abs=1e-4)
