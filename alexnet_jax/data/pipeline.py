@@ -174,8 +174,7 @@ class StoredPixels(grain.transforms.Map):
         indices = batch["index"]
         height, width, short_side = self.shape
         shape = (len(indices), height, width, 3)
-        if (_in_grain_worker and SharedMemoryArray is not None and hasattr(self.source, "send_pixels_to")
-                and os.path.isdir(SHM_DIR)):
+        if _batches_leave_by_name and hasattr(self.source, "send_pixels_to"):
             return self._batch(*_sent_to_shared_memory(self.source, indices, shape), batch)
         out = np.empty(shape, np.uint8)
         if hasattr(self.source, "read_pixels_into"):  # a fixed-shape layout reads straight into the batch
@@ -406,7 +405,9 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory and named semaphores
-_in_grain_worker = False  # set in grain's worker processes (_init_worker): their batches leave in shared memory
+# Set in grain's worker processes (_init_worker) where their batches can be built in the shared memory that
+# carries them (grain's SharedMemoryArray importable, a SHM_DIR to open the block by name): _sent_to_shared_memory.
+_batches_leave_by_name = False
 _shm_tag = None  # this run's name prefix, set by release_orphaned_shared_memory
 
 
@@ -522,9 +523,9 @@ def _init_worker(parent: int, tag: str | None, worker_index: int, worker_count: 
     parent-death signal (prctl PR_SET_PDEATHSIG), because that signal fires when the *thread* that started the
     process ends, and grain starts workers from its prefetch threads, which come and go while the trainer lives.
     `parent` is the trainer's pid as the trainer saw it, so a trainer that died before this ran is noticed too."""
-    global _in_grain_worker
+    global _batches_leave_by_name
     del worker_index, worker_count
-    _in_grain_worker = True
+    _batches_leave_by_name = SharedMemoryArray is not None and os.path.isdir(SHM_DIR)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if tag:

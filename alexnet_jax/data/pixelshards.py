@@ -140,6 +140,14 @@ class PixelShardSource:
             raise IndexError(f"{self.root}: index {bad} out of range for {len(self)} records")
         return indices
 
+    def _locations(self, indices: np.ndarray) -> list[tuple[int, int]]:
+        """(shard, byte offset in it) of each of the checked `indices`."""
+        shards = np.searchsorted(self._starts, indices, side="right") - 1
+        return list(zip(shards.tolist(), ((indices - self._starts[shards]) * self._record_bytes).tolist()))
+
+    def _short_read(self, shard: int, byte: int) -> ValueError:
+        return ValueError(f"{self._paths[shard]}: short read at byte {byte}: the shard shrank after it was opened")
+
     def read_pixels_into(self, indices, out: np.ndarray) -> np.ndarray:
         """Writes record indices[k]'s pixels into out[k] (one preadv each, no other copy); returns the int32
         labels. `out` is a C-contiguous uint8 array of at least len(indices) rows of the records' shape."""
@@ -148,12 +156,9 @@ class PixelShardSource:
                 or not out.flags.c_contiguous):
             raise ValueError(f"read_pixels_into needs a C-contiguous uint8 array of {len(indices)} x {self._shape}, "
                              f"got {out.dtype} {out.shape}")
-        shards = np.searchsorted(self._starts, indices, side="right") - 1
-        offsets = (indices - self._starts[shards]) * self._record_bytes
-        for k, (shard, offset) in enumerate(zip(shards.tolist(), offsets.tolist())):
+        for k, (shard, offset) in enumerate(self._locations(indices)):
             if os.preadv(self._fd(shard), [out[k]], offset) != self._record_bytes:
-                raise ValueError(f"{self._paths[shard]}: short read at byte {offset}: the shard shrank after it was "
-                                 "opened")
+                raise self._short_read(shard, offset)
         return self._labels[indices]
 
     def send_pixels_to(self, indices, fd: int) -> np.ndarray:
@@ -163,15 +168,12 @@ class PixelShardSource:
         For a grain worker's batch in shared memory: written through a mapping, every fresh tmpfs page costs the
         worker a page fault, which made the hand-off cost twice the copy itself."""
         indices = self._indices(indices)
-        shards = np.searchsorted(self._starts, indices, side="right") - 1
-        offsets = (indices - self._starts[shards]) * self._record_bytes
-        for shard, offset in zip(shards.tolist(), offsets.tolist()):
+        for shard, offset in self._locations(indices):
             sent = 0
             while sent < self._record_bytes:  # sendfile may stop short (a signal); 0 is the end of the file
                 count = os.sendfile(fd, self._fd(shard), offset + sent, self._record_bytes - sent)
                 if count == 0:
-                    raise ValueError(f"{self._paths[shard]}: short read at byte {offset + sent}: the shard shrank "
-                                     "after it was opened")
+                    raise self._short_read(shard, offset + sent)
                 sent += count
         return self._labels[indices]
 
