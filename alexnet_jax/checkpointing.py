@@ -242,8 +242,12 @@ def _write_error(error: BaseException) -> str:
     text = " ".join(str(error).split())
     code = re.search(r"os_error_code='?(\d+)", text)
     file = re.search(r'(?:Failed writing|Error writing local file):? "([^"]+)"', text)
+    # Orbax's own check that a folder it made is still there: the storage lost it (e.g. a mount now hides it)
+    vanished = re.search(r"Checkpoint directory does not exist: (\S+?)\.?$", text)
     if isinstance(error, OSError) and error.strerror:
         cause, where = error.strerror, error.filename
+    elif vanished:
+        cause, where = os.strerror(errno.ENOENT), vanished.group(1)
     elif code:
         cause, where = os.strerror(int(code.group(1))), file and file.group(1)
     else:
@@ -268,11 +272,19 @@ def wait(manager: ocp.CheckpointManager) -> None:
 
 
 def close(manager: ocp.CheckpointManager) -> None:
-    """manager.close(), reporting a save in flight that fails as `wait` does."""
+    """manager.close(), reporting a save in flight that fails as `wait` does. After a reported failure, what
+    close() raises is that failure again, from another of Orbax's waits (the async writer's, the metadata
+    store's): it is logged, not raised, so the caller's handling of the reported error (exit 4) is not replaced
+    by a traceback."""
     wait(manager)
-    if manager in _failed:  # close() begins with a wait that would raise the reported error again
-        manager.wait_until_finished = lambda: None
-    manager.close()
+    if manager not in _failed:
+        manager.close()
+        return
+    manager.wait_until_finished = lambda: None  # close() begins with the wait that raised the reported error
+    try:
+        manager.close()
+    except Exception as error:  # the same failure, or its aftermath in a folder the storage refused
+        logging.info("Closing the checkpoint manager after the failed save: %s", _write_error(error))
 
 
 def save(manager: ocp.CheckpointManager, state, config: ml_collections.ConfigDict, class_names,
